@@ -1,0 +1,280 @@
+"""Reading checkpoints safely and loading them into models strictly, without a second copy of the weights.
+
+* ``.ckpt``/``.pt``/``.pth`` files are unpickled with ``weights_only=True``: nothing in the file is executed.
+  The bookkeeping that original Lightning checkpoints carry beside the weights (the ``ModelCheckpoint``
+  callback class used as a dict key, numpy scalars) is read into inert placeholders.
+* ``.safetensors`` files are read tensor by tensor.
+* Loading is strict: every key of the model must be present with its shape, and every key of the file must
+  be used. The few keys real SD checkpoints carry that this code does not define are listed once, below.
+* :func:`load_model_from_config` builds the model with its parameters on the ``meta`` device and assigns the
+  (memory-mapped) checkpoint tensors to it, so the weights are never held twice.
+"""
+from __future__ import annotations
+
+import pickle
+import zipfile
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Iterator, Mapping
+
+import torch
+from torch import nn
+
+from ldm.util import instantiate_from_config
+
+# Keys found in real SD v1 checkpoints that the model does not define (transformers < 5 saved CLIP's
+# position ids, which transformers 5 keeps as a non-persistent buffer).
+IGNORED_KEYS = frozenset({
+    "cond_stage_model.transformer.text_model.embeddings.position_ids",
+    "cond_stage_model.transformer.embeddings.position_ids",
+})
+# transformers < 5 nested CLIPTextModel's modules under ``text_model``; transformers 5 does not.
+LEGACY_PREFIXES = {"cond_stage_model.transformer.text_model.": "cond_stage_model.transformer."}
+EMA_PREFIX = "model_ema."
+SAFETENSORS_SUFFIXES = (".safetensors", ".sft")
+
+
+class CheckpointError(Exception):
+    """A checkpoint that cannot be read or does not fit the model; the message is one line for the user."""
+
+
+class _Inert:
+    """Stands in for a non-tensor object of a Lightning checkpoint; its constructor and state are ignored."""
+
+    def __init__(self, *args: Any, **kwargs: Any):
+        pass
+
+    def __setstate__(self, state: Any) -> None:
+        pass
+
+    def __reduce__(self):
+        return (_Inert, ())
+
+
+def _inert(*args: Any, **kwargs: Any) -> None:
+    return None
+
+
+# Globals that original SD / Lightning checkpoints reference outside the state dict, mapped to inert stand-ins.
+_LIGHTNING_EXTRAS = [
+    (_Inert, "pytorch_lightning.callbacks.model_checkpoint.ModelCheckpoint"),
+    (_Inert, "lightning.pytorch.callbacks.model_checkpoint.ModelCheckpoint"),
+    (_Inert, "pytorch_lightning.utilities.parsing.AttributeDict"),
+    (_Inert, "lightning.fabric.utilities.data.AttributeDict"),
+    (_Inert, "argparse.Namespace"),
+    (_inert, "numpy.core.multiarray.scalar"),
+    (_inert, "numpy._core.multiarray.scalar"),
+    (_inert, "numpy.core.multiarray._reconstruct"),
+    (_inert, "numpy._core.multiarray._reconstruct"),
+    (_Inert, "numpy.ndarray"),
+    (_inert, "numpy.dtype"),
+    (_inert, "_codecs.encode"),
+]
+
+
+def _torch_load(path: Path) -> Any:
+    with torch.serialization.safe_globals(_LIGHTNING_EXTRAS):
+        try:
+            return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except RuntimeError as err:
+            if "mmap" not in str(err):
+                raise
+            # the legacy (pre-zip) serialization cannot be memory-mapped
+            return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip().splitlines()
+    return text[0] if text else type(err).__name__
+
+
+def read_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Read ``path`` -> (state_dict, extras). Extras are the Lightning entries such as ``global_step``."""
+    path = Path(path)
+    if not path.exists():
+        raise CheckpointError(f"checkpoint not found: {path}")
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint path is not a file: {path}")
+    if path.suffix.lower() in SAFETENSORS_SUFFIXES:
+        return _read_safetensors(path), {}
+    try:
+        obj = _torch_load(path)
+    except pickle.UnpicklingError as err:
+        detail = _first_line(err).replace("Weights only load failed. ", "")
+        raise CheckpointError(
+            f"refusing to load {path}: it holds Python objects beyond tensors and could run code when "
+            f"unpickled (nothing was executed; {detail[:200]}); use a .safetensors file or re-save the "
+            f"state dict from a trusted environment") from None
+    except (zipfile.BadZipFile, EOFError, OSError, RuntimeError, ValueError, KeyError, TypeError) as err:
+        raise CheckpointError(f"cannot read checkpoint {path}: the file is truncated, corrupt or not a PyTorch "
+                              f"checkpoint ({_first_line(err)[:200]})") from None
+    if isinstance(obj, Mapping) and isinstance(obj.get("state_dict"), Mapping):
+        state_dict, extras = obj["state_dict"], {k: v for k, v in obj.items() if k != "state_dict"}
+    elif isinstance(obj, Mapping) and obj and all(isinstance(v, torch.Tensor) for v in obj.values()):
+        state_dict, extras = obj, {}
+    else:
+        raise CheckpointError(f"{path} is not a model checkpoint: expected a dict with a 'state_dict' entry "
+                              f"or a dict of tensors")
+    bad = [k for k, v in state_dict.items() if not isinstance(v, torch.Tensor)]
+    if bad:
+        raise CheckpointError(f"{path}: state_dict entry '{bad[0]}' is not a tensor")
+    return dict(state_dict), extras
+
+
+def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(path), framework="pt", device="cpu") as f:
+            return {key: f.get_tensor(key) for key in f.keys()}
+    except (SafetensorError, OSError, ValueError, RuntimeError) as err:
+        raise CheckpointError(f"cannot read {path}: not a valid safetensors file "
+                              f"({_first_line(err)[:200]})") from None
+
+
+def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
+    """The state dict of a ``.ckpt`` or ``.safetensors`` file (tensors memory-mapped where possible)."""
+    return read_checkpoint(path)[0]
+
+
+def normalize_keys(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Map keys of older layouts to this code's (see :data:`LEGACY_PREFIXES`) and drop :data:`IGNORED_KEYS`."""
+    out = {}
+    for key, value in state_dict.items():
+        if key in IGNORED_KEYS:
+            continue
+        for old, new in LEGACY_PREFIXES.items():
+            if key.startswith(old):
+                key = new + key[len(old):]
+                break
+        out[key] = value
+    return out
+
+
+def _names(keys: list[str], limit: int = 5) -> str:
+    keys = sorted(keys)
+    more = f" and {len(keys) - limit} more" if len(keys) > limit else ""
+    return ", ".join(keys[:limit]) + more
+
+
+def match_state_dict(expected: Mapping[str, torch.Tensor], state_dict: Mapping[str, torch.Tensor],
+                     source: str = "checkpoint", ignore_prefixes: tuple[str, ...] = (),
+                     optional_prefixes: tuple[str, ...] = ()) -> tuple[dict[str, torch.Tensor], list[str]]:
+    """Check ``state_dict`` against the model's ``expected`` entries; return (usable state dict, notes).
+
+    Raises :class:`CheckpointError` naming missing, unexpected or mis-shaped keys. Notes are one-line remarks
+    for the user (e.g. EMA weights present but not used).
+    """
+    sd = {k: v for k, v in normalize_keys(state_dict).items() if not k.startswith(ignore_prefixes or ("\0",))}
+    notes = []
+    model_has_ema = any(k.startswith(EMA_PREFIX) for k in expected)
+    file_ema = [k for k in sd if k.startswith(EMA_PREFIX)]
+    if file_ema and not model_has_ema:
+        for k in file_ema:
+            del sd[k]
+        notes.append(f"{source} has EMA weights (model_ema.*); they are ignored because the config sets "
+                     f"use_ema: False")
+    if model_has_ema and not file_ema:
+        raise CheckpointError(f"{source} has no EMA weights (model_ema.*) but the config sets use_ema: True; "
+                              f"set model.params.use_ema: False to use its weights")
+
+    missing = [k for k in expected if k not in sd]
+    unexpected = [k for k in sd if k not in expected and not k.startswith(optional_prefixes or ("\0",))]
+    for k in [k for k in sd if k not in expected]:
+        del sd[k]
+    if missing:
+        for prefix, part in (("first_stage_model.", "autoencoder"), ("cond_stage_model.", "text encoder"),
+                             ("model.diffusion_model.", "UNet")):
+            wanted = [k for k in expected if k.startswith(prefix)]
+            if wanted and all(k in missing for k in wanted):
+                raise CheckpointError(f"{source} has no {part} weights ({prefix}*): it does not fit this config "
+                                      f"({len(missing)} keys missing)")
+        raise CheckpointError(f"{source} does not fit the config: {len(missing)} keys missing: {_names(missing)}")
+    if unexpected:
+        raise CheckpointError(f"{source} does not fit the config: {len(unexpected)} unexpected keys: "
+                              f"{_names(unexpected)}")
+    wrong = [f"{k} {tuple(sd[k].shape)} vs {tuple(expected[k].shape)}" for k in expected
+             if tuple(sd[k].shape) != tuple(expected[k].shape)]
+    if wrong:
+        raise CheckpointError(f"{source} does not fit the config: {len(wrong)} tensors have other shapes "
+                              f"(checkpoint vs model): {_names(wrong, 3)}")
+    return sd, notes
+
+
+def _cast_like(sd: dict[str, torch.Tensor], expected: Mapping[str, torch.Tensor],
+               dtype: torch.dtype | None) -> dict[str, torch.Tensor]:
+    """Cast each floating tensor to the model's dtype (or ``dtype`` for module weights), one tensor at a time."""
+    for key in list(sd):
+        value, target = sd[key], expected[key]
+        if not value.is_floating_point() or not target.is_floating_point():
+            want = target.dtype
+        elif dtype is not None and "." in key:  # module weights; schedule buffers (no dot) stay float32
+            want = dtype
+        else:
+            want = target.dtype
+        if value.dtype != want:
+            sd[key] = value.to(want)
+    return sd
+
+
+def load_weights_into(module: nn.Module, source: str | Path | Mapping[str, torch.Tensor], *,
+                      ignore_prefixes: tuple[str, ...] = (), optional_prefixes: tuple[str, ...] = (),
+                      dtype: torch.dtype | None = None, assign: bool = False, verbose: bool = True,
+                      name: str | None = None) -> list[str]:
+    """Strictly load a checkpoint file (or a state dict) into ``module``; returns the notes printed."""
+    name = name or (str(source) if isinstance(source, (str, Path)) else "state dict")
+    state_dict = read_state_dict(source) if isinstance(source, (str, Path)) else dict(source)
+    expected = module.state_dict(keep_vars=True)
+    sd, notes = match_state_dict(expected, state_dict, name, ignore_prefixes, optional_prefixes)
+    del state_dict
+    sd = _cast_like(sd, expected, dtype)
+    module.load_state_dict(sd, strict=True, assign=assign)
+    if verbose:
+        for note in notes:
+            print(note)
+    return notes
+
+
+@contextmanager
+def parameters_on_meta() -> Iterator[None]:
+    """While active, new parameters are created on the ``meta`` device (no memory, no init cost).
+
+    Buffers stay real, so schedules and non-persistent buffers computed in constructors survive; the
+    parameters are then replaced by checkpoint tensors with ``load_state_dict(..., assign=True)``.
+    """
+    register = nn.Module.register_parameter
+
+    def register_on_meta(self: nn.Module, name: str, param: nn.Parameter | None) -> None:
+        register(self, name, param)
+        if param is not None and param.device.type != "meta":
+            self._parameters[name] = nn.Parameter(param.to("meta"), requires_grad=param.requires_grad)
+
+    nn.Module.register_parameter = register_on_meta
+    try:
+        yield
+    finally:
+        nn.Module.register_parameter = register
+
+
+def load_model_from_config(config: Any, ckpt: str | Path | None, *, device: str | torch.device = "cpu",
+                           dtype: torch.dtype | None = None, verbose: bool = False) -> nn.Module:
+    """Build ``config.model`` and load ``ckpt`` into it; returns the model in eval mode on ``device``.
+
+    ``config`` is the whole OmegaConf config (with a ``model`` entry) or the model entry itself.
+    ``dtype`` (e.g. ``torch.bfloat16``) casts the module weights while loading; schedule buffers stay float32.
+    Without ``ckpt`` the model keeps its random initialisation.
+    """
+    model_config = config.model if "model" in config else config
+    if ckpt is None:
+        model = instantiate_from_config(model_config)
+        if dtype is not None:
+            model.to(dtype)
+        return model.eval().to(device)
+    state_dict, extras = read_checkpoint(ckpt)
+    if verbose and "global_step" in extras:
+        print(f"Global Step: {extras['global_step']}")
+    with parameters_on_meta():
+        model = instantiate_from_config(model_config)
+    load_weights_into(model, state_dict, dtype=dtype, assign=True, verbose=True, name=str(ckpt))
+    del state_dict
+    return model.eval().to(device)

@@ -1,0 +1,26 @@
+from setuptools import find_packages, setup
+
+setup(
+    name="latent-diffusion",
+    version="0.1.0",
+    description="Stable Diffusion v1 (CompVis latent diffusion), faithful and offline-first",
+    packages=find_packages(include=["ldm", "ldm.*"]),
+    package_data={"ldm.modules.encoders": ["clip_tokenizer/*"]},
+    python_requires=">=3.10",
+    install_requires=[
+        "torch>=2.4",
+        "torchvision",
+        "pytorch-lightning>=2.0",
+        "omegaconf>=2.1",
+        "transformers>=5.0",
+        "einops",
+        "invisible-watermark>=0.2.0",
+        "numpy",
+        "pillow",
+        "tqdm",
+        "safetensors>=0.4",
+    ],
+    extras_require={
+        "test": ["pytest", "hypothesis", "ruff", "diffusers"],
+    },
+)
