@@ -1,0 +1,71 @@
+"""Shared fixtures: the tiny reference model (same classes as SD v1, 4 M parameters) and the golden data.
+
+Everything under tests/fixtures/ was produced by the original CompVis implementation (see
+tests/fixtures/REFERENCE.md); nothing there comes from this code.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from omegaconf import OmegaConf
+from safetensors.torch import load_file
+
+FIXTURES = Path(__file__).parent / "fixtures"
+TINY = FIXTURES / "tiny"
+PROMPTS = ["a red circle on a blue background", "a photograph of an astronaut riding a horse"]
+
+
+def assert_matches_reference(ours: torch.Tensor, ref: torch.Tensor, name: str = "") -> None:
+    """The reference tolerance: max|ours - ref| <= 1e-3 * std(ref) + 1e-5, in float32."""
+    assert ours.shape == ref.shape, f"{name}: shape {tuple(ours.shape)} != {tuple(ref.shape)}"
+    ours, ref = ours.detach().float().cpu(), ref.float()
+    std = ref.std(correction=0).item() if ref.numel() > 1 else 0.0
+    err = (ours - ref).abs().max().item()
+    tol = 1e-3 * std + 1e-5
+    assert err <= tol, f"{name}: max abs error {err:.3g} exceeds tolerance {tol:.3g}"
+
+
+def tiny_config():
+    """The tiny reference config, with the CLIP folder pointed at the fixture copy."""
+    config = OmegaConf.load(TINY / "v1-tiny.yaml")
+    config.model.params.cond_stage_config.params.version = str(TINY / "clip")
+    return config
+
+
+def tiny_state_dict() -> dict[str, torch.Tensor]:
+    return {k: v.float() if v.is_floating_point() else v for k, v in load_file(TINY / "weights.safetensors").items()}
+
+
+def tiny_ema_state_dict() -> dict[str, torch.Tensor]:
+    return {k: v.float() if v.is_floating_point() else v for k, v in load_file(TINY / "ema.safetensors").items()}
+
+
+@pytest.fixture(scope="session")
+def tiny_io() -> dict[str, torch.Tensor]:
+    return load_file(TINY / "io.safetensors")
+
+
+@pytest.fixture(scope="session")
+def tiny_ckpt(tmp_path_factory) -> Path:
+    """The tiny reference weights saved as an original-layout ``.ckpt`` ({"state_dict": ...})."""
+    path = tmp_path_factory.mktemp("ckpt") / "tiny.ckpt"
+    torch.save({"state_dict": tiny_state_dict(), "global_step": 0}, path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_config_path(tmp_path_factory) -> Path:
+    """The tiny config written to a file, as the scripts' ``--config`` takes it."""
+    path = tmp_path_factory.mktemp("config") / "v1-tiny.yaml"
+    OmegaConf.save(tiny_config(), path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tiny_ckpt):
+    """The tiny model loaded through the library loader, float32, eval mode, CPU. Do not modify it."""
+    from ldm.checkpoint import load_model_from_config
+
+    return load_model_from_config(tiny_config(), tiny_ckpt)
