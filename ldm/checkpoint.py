@@ -12,6 +12,8 @@
 from __future__ import annotations
 
 import pickle
+import re
+import warnings
 import zipfile
 from contextlib import contextmanager
 from pathlib import Path
@@ -64,16 +66,17 @@ _LIGHTNING_EXTRAS = [
     (_Inert, "argparse.Namespace"),
     (_inert, "numpy.core.multiarray.scalar"),
     (_inert, "numpy._core.multiarray.scalar"),
-    (_inert, "numpy.core.multiarray._reconstruct"),
-    (_inert, "numpy._core.multiarray._reconstruct"),
+    (_Inert, "numpy.core.multiarray._reconstruct"),
+    (_Inert, "numpy._core.multiarray._reconstruct"),
     (_Inert, "numpy.ndarray"),
-    (_inert, "numpy.dtype"),
+    (_Inert, "numpy.dtype"),
     (_inert, "_codecs.encode"),
 ]
 
 
 def _torch_load(path: Path) -> Any:
-    with torch.serialization.safe_globals(_LIGHTNING_EXTRAS):
+    with torch.serialization.safe_globals(_LIGHTNING_EXTRAS), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
         try:
             return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
         except RuntimeError as err:
@@ -100,11 +103,14 @@ def read_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str
     try:
         obj = _torch_load(path)
     except pickle.UnpicklingError as err:
-        detail = _first_line(err).replace("Weights only load failed. ", "")
+        found = re.search(r"GLOBAL ([\w.]+)|(Can only build)", str(err))
+        if found is None:
+            raise CheckpointError(f"cannot read checkpoint {path}: the file is corrupt or not a PyTorch checkpoint "
+                                  f"({_first_line(err)[:200]})") from None
+        detail = f"it references {found.group(1)}" if found.group(1) else "it builds Python objects"
         raise CheckpointError(
-            f"refusing to load {path}: it holds Python objects beyond tensors and could run code when "
-            f"unpickled (nothing was executed; {detail[:200]}); use a .safetensors file or re-save the "
-            f"state dict from a trusted environment") from None
+            f"refusing to load {path}: {detail}, which could run code when unpickled (nothing was executed); "
+            f"use a .safetensors file or re-save the state dict from a trusted environment") from None
     except (zipfile.BadZipFile, EOFError, OSError, RuntimeError, ValueError, KeyError, TypeError) as err:
         raise CheckpointError(f"cannot read checkpoint {path}: the file is truncated, corrupt or not a PyTorch "
                               f"checkpoint ({_first_line(err)[:200]})") from None

@@ -14,7 +14,7 @@ from ldm.util import instantiate_from_config
 
 
 class AutoencoderKL(pl.LightningModule):
-    """Encoder -> ``quant_conv`` -> posterior N(mean, var) over (B, embed_dim, H/f, W/f); ``post_quant_conv`` -> Decoder.
+    """Encoder -> ``quant_conv`` -> posterior N(mean, var) on (B, embed_dim, H/f, W/f); ``post_quant_conv`` -> Decoder.
 
     Images are (B, 3, H, W) in [-1, 1]. ``lossconfig`` names the training loss module (``torch.nn.Identity``
     at inference, so its weights are not part of the model).

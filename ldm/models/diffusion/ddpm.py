@@ -143,7 +143,8 @@ class DDPM(pl.LightningModule):
                              to_torch((1.0 - alphas_cumprod_prev) * np.sqrt(alphas) / (1.0 - alphas_cumprod)))
 
         if self.parameterization == "eps":
-            lvlb_weights = self.betas ** 2 / (2 * self.posterior_variance * to_torch(alphas) * (1 - self.alphas_cumprod))
+            lvlb_weights = self.betas ** 2 / (
+                2 * self.posterior_variance * to_torch(alphas) * (1 - self.alphas_cumprod))
         else:
             lvlb_weights = 0.5 * np.sqrt(torch.Tensor(alphas_cumprod)) / (2.0 * 1 - torch.Tensor(alphas_cumprod))
         lvlb_weights[0] = lvlb_weights[1]
@@ -197,7 +198,9 @@ class DDPM(pl.LightningModule):
 
     def p_mean_variance(self, x: torch.Tensor, t: torch.Tensor, clip_denoised: bool):
         model_out = self.model(x, t)
-        x_recon = self.predict_start_from_noise(x, t=t, noise=model_out) if self.parameterization == "eps" else model_out
+        x_recon = model_out
+        if self.parameterization == "eps":
+            x_recon = self.predict_start_from_noise(x, t=t, noise=model_out)
         if clip_denoised:
             x_recon.clamp_(-1.0, 1.0)
         return self.q_posterior(x_start=x_recon, x_t=x, t=t)
@@ -398,7 +401,7 @@ class LatentDiffusion(DDPM):
 
     @torch.no_grad()
     def on_train_batch_start(self, batch: dict, batch_idx: int, dataloader_idx: int = 0) -> None:
-        """With ``scale_by_std``, set scale_factor = 1 / std(z) from the first training batch (LDM paper, sec. 4.3.2)."""
+        """With ``scale_by_std``, set scale_factor = 1 / std(z) from the first training batch (LDM sec. 4.3.2)."""
         if (self.scale_by_std and self.current_epoch == 0 and self.global_step == 0 and batch_idx == 0
                 and not self.restarted_from_ckpt):
             assert self.scale_factor == 1.0, "rather not use custom rescaling and std-rescaling simultaneously"
@@ -566,7 +569,9 @@ class LatentDiffusion(DDPM):
 
     def p_mean_variance(self, x: torch.Tensor, c: Any, t: torch.Tensor, clip_denoised: bool):
         model_out = self.apply_model(x, t, c)
-        x_recon = self.predict_start_from_noise(x, t=t, noise=model_out) if self.parameterization == "eps" else model_out
+        x_recon = model_out
+        if self.parameterization == "eps":
+            x_recon = self.predict_start_from_noise(x, t=t, noise=model_out)
         if clip_denoised:
             x_recon.clamp_(-1.0, 1.0)
         return self.q_posterior(x_start=x_recon, x_t=x, t=t)
@@ -645,9 +650,9 @@ class LatentDiffusion(DDPM):
             if unconditional_guidance_scale > 1.0 and self.model.conditioning_key == "crossattn":
                 uc = self.get_learned_conditioning(len(c) * [""])
                 with self.ema_scope("Plotting"):
-                    samples_cfg, _ = self.sample_log(cond=c, batch_size=N, ddim=use_ddim, ddim_steps=ddim_steps,
-                                                     eta=ddim_eta, unconditional_guidance_scale=unconditional_guidance_scale,
-                                                     unconditional_conditioning=uc)
+                    samples_cfg, _ = self.sample_log(
+                        cond=c, batch_size=N, ddim=use_ddim, ddim_steps=ddim_steps, eta=ddim_eta,
+                        unconditional_guidance_scale=unconditional_guidance_scale, unconditional_conditioning=uc)
                 log[f"samples_cfg_scale_{unconditional_guidance_scale:.2f}"] = self.decode_first_stage(samples_cfg)
         if return_keys:
             return {key: log[key] for key in return_keys if key in log}

@@ -42,7 +42,7 @@ class DiagonalGaussianDistribution:
         noise = torch.randn(self.mean.shape, generator=generator)
         return self.mean + self.std * noise.to(device=self.parameters.device, dtype=self.mean.dtype)
 
-    def kl(self, other: "DiagonalGaussianDistribution | None" = None) -> torch.Tensor:
+    def kl(self, other: DiagonalGaussianDistribution | None = None) -> torch.Tensor:
         if self.deterministic:
             return torch.Tensor([0.0])
         if other is None:
