@@ -123,3 +123,72 @@ def avg_pool_nd(dims: int, *args, **kwargs) -> nn.Module:
     if dims == 3:
         return nn.AvgPool3d(*args, **kwargs)
     raise ValueError(f"unsupported dimensions: {dims}")
+
+
+def _strictly_increasing_below(steps: np.ndarray, upper: int) -> np.ndarray:
+    """The nearest strictly increasing integer sequence in [0, upper - 1]; the identity on one that is already.
+
+    A repeated step moves up to the next free timestep; steps that then reach ``upper`` move down from the top.
+    Needs ``len(steps) <= upper``.
+    """
+    out = steps.astype(np.int64)
+    for k in range(1, len(out)):
+        out[k] = max(out[k], out[k - 1] + 1)
+    out[-1] = min(out[-1], upper - 1)
+    for k in range(len(out) - 2, -1, -1):
+        out[k] = min(out[k], out[k + 1] - 1)
+    return out
+
+
+def make_ddim_timesteps(ddim_discr_method: str, num_ddim_timesteps: int, num_ddpm_timesteps: int,
+                        verbose: bool = True) -> np.ndarray:
+    """The DDPM timesteps a DDIM/PLMS sampler visits, ascending, int64 in [0, num_ddpm_timesteps - 1].
+
+    Same as the original wherever the original gives a usable schedule:
+    - "uniform": every c-th step from 1, c = T // S (``range(0, T, c) + 1``). Like the original this can run
+      more steps than asked (S = 334 gives 500 steps).
+    - "quad": ``int(linspace(0, sqrt(0.8 T), S) ** 2) + 1``, quadratic spacing up to 0.8 T.
+    Where the original breaks, the schedule has exactly S steps:
+    - uniform, when ``range(0, T, c) + 1`` reaches T (the original then indexes alphas_cumprod[T] and crashes:
+      S = 3, 9, 27, 36, 37, 101..111, 251..333, 501..1000 for T = 1000): S evenly spaced steps ``floor(k T / S) + 1``,
+      k = 0..S-1, the original's rule with a fractional stride (S = 3 gives 1, 334, 667);
+    - quad, when integer rounding repeats a timestep (S >= 30 for T = 1000; a repeated step is a wasted UNet
+      call in the original): each repeat moves up to the next free timestep.
+    S = T leaves no room for the +1 shift and gives every timestep 0..T-1.
+    """
+    T, S = int(num_ddpm_timesteps), int(num_ddim_timesteps)
+    if not 1 <= S <= T:
+        raise ValueError(f"the number of sampling steps must be between 1 and {T}, got {num_ddim_timesteps}")
+    if ddim_discr_method == "uniform":
+        steps = np.arange(0, T, T // S, dtype=np.int64) + 1
+        if steps[-1] >= T:
+            steps = np.arange(S, dtype=np.int64) * T // S + 1
+    elif ddim_discr_method == "quad":
+        steps = (np.linspace(0, np.sqrt(T * 0.8), S) ** 2).astype(np.int64) + 1
+    else:
+        raise ValueError(f"ddim_discretize '{ddim_discr_method}' unknown; use 'uniform' or 'quad'")
+    steps = _strictly_increasing_below(steps, T)
+    if verbose:
+        print(f"Selected timesteps for ddim sampler: {steps}")
+    return steps
+
+
+def make_ddim_sampling_parameters(alphacums: torch.Tensor | np.ndarray, ddim_timesteps: np.ndarray, eta: float,
+                                  verbose: bool = True) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(sigmas, alphas, alphas_prev), each (S,) float32, for DDIM (Song et al. 2021, eq. 16).
+
+    alphas = alpha_bar[tau_i], alphas_prev = alpha_bar[tau_{i-1}] with alpha_bar[0] before the first step,
+    sigmas = eta * sqrt((1 - alphas_prev) / (1 - alphas) * (1 - alphas / alphas_prev)) (computed in float64).
+    Tensors come back on the device of ``alphacums`` (CPU for an array).
+    """
+    alphacums = torch.as_tensor(alphacums)
+    index = torch.as_tensor(np.asarray(ddim_timesteps, dtype=np.int64), device=alphacums.device)
+    alphas = alphacums[index].float()
+    alphas_prev = torch.cat([alphacums[:1], alphacums[index[:-1]]]).float()
+    a, a_prev = alphas.cpu().double(), alphas_prev.cpu().double()
+    sigmas = (eta * torch.sqrt((1 - a_prev) / (1 - a) * (1 - a / a_prev))).float().to(alphacums.device)
+    if verbose:
+        print(f"Selected alphas for ddim sampler: a_t: {alphas}; a_(t-1): {alphas_prev}")
+        print(f"For the chosen value of eta, which is {eta}, this results in the following sigma_t schedule "
+              f"for ddim sampler {sigmas}")
+    return sigmas, alphas, alphas_prev
