@@ -91,6 +91,7 @@ def test_img2img_matches_reference(tiny_model, tiny_io):
 
 
 # ------------------------------------------------------------------------------------------ DPM-Solver++
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")  # numpy 2 vs torch __array__, inside diffusers
 def test_dpm_solver_matches_diffusers(tiny_model, tiny_io):
     """DPM-Solver++(2M) with guidance 7.5 on the tiny UNet equals diffusers' DPMSolverMultistepScheduler.
 
@@ -402,6 +403,22 @@ def test_ddim_runs_where_the_original_crashes(fake_model, steps):
                                                 eta=1.0, verbose=False)
     assert torch.isfinite(samples).all()
     assert [int(t[0]) for _, t, _ in fake_model.calls] == make_ddim_timesteps("uniform", steps, T, False)[::-1].tolist()
+
+
+@pytest.mark.parametrize("sampler_cls", SAMPLERS)
+def test_one_step(fake_model, sampler_cls):
+    samples, _ = sampler_cls(fake_model).sample(S=1, batch_size=1, shape=SHAPE, conditioning=fake_cond(1),
+                                                verbose=False)
+    assert torch.isfinite(samples).all()
+    assert len(fake_model.calls) == (2 if sampler_cls is PLMSSampler else 1)
+
+
+def test_dpm_solver_quad_times(fake_model):
+    sampler = DPMSolverSampler(fake_model)
+    sampler.make_schedule(ddim_num_steps=5, ddim_discretize="quad", verbose=False)
+    times = sampler.timesteps
+    torch.testing.assert_close(times, torch.linspace(1.0, 1e-3 ** 0.5, 6) ** 2)
+    assert sampler.ddim_timesteps[-1] == pytest.approx(999.0, abs=1e-3)
 
 
 @pytest.mark.parametrize("sampler_cls", [PLMSSampler, DPMSolverSampler])
