@@ -523,7 +523,8 @@ def test_buffers_follow_the_model_and_x_its_dtype(fake_model):
             return super().apply_model(x, t, cond).to(torch.bfloat16)
 
     sampler = DDIMSampler(HalfModel(fake_model._base))
-    samples, _ = sampler.sample(S=3, batch_size=1, shape=SHAPE, conditioning=fake_cond(1), verbose=False)
+    samples, _ = sampler.sample(S=3, batch_size=1, shape=SHAPE, conditioning=fake_cond(1), verbose=False,
+                                mask=torch.full((1, 1, 8, 8), 0.5), x0=torch.randn(1, *SHAPE))
     assert samples.dtype == torch.bfloat16
     for name in ("ddim_alphas", "ddim_alphas_prev", "ddim_sigmas", "ddim_sqrt_one_minus_alphas", "alphas_cumprod"):
         buffer = getattr(sampler, name)

@@ -218,7 +218,7 @@ def run_steps(solver: Any, x: torch.Tensor, *, desc: str, verbose: bool = True,
     for i in tqdm(range(n), desc=desc, total=n, disable=not verbose):
         index = n - i - 1
         if mask is not None:
-            x = solver.q_sample(x0, i) * mask + (1.0 - mask) * x
+            x = (solver.q_sample(x0, i) * mask + (1.0 - mask) * x).to(x.dtype)
         x, pred_x0 = solver.step(x, i)
         if callback:
             callback(i)
