@@ -1,0 +1,125 @@
+"""What the command-line scripts share: the flags added to the original ones, and the error handling around
+``main`` (expected errors and interrupts become one line on stderr and an exit code, never a traceback)."""
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import sys
+from typing import Callable, NoReturn, Sequence
+
+from ldm.errors import InputError, LdmError, ModelNotFoundError
+
+TRACEBACK_ENV = "LDM_TRACEBACK"
+EXIT_INTERRUPTED = 130
+EXIT_TERMINATED = 143
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse with one-line errors (``prog: error: ... (see --help)``) instead of usage plus error."""
+
+    def error(self, message: str) -> NoReturn:
+        print(f"{self.prog}: error: {message} (see --help)", file=sys.stderr)
+        sys.exit(2)
+
+
+def device_name(value: str) -> str:
+    """argparse type for ``--device``: auto, cpu, mps, cuda or cuda:N."""
+    value = value.strip().lower()
+    if value in ("auto", "cpu", "cuda", "mps") or (value.startswith("cuda:") and value[5:].isdigit()):
+        return value
+    raise argparse.ArgumentTypeError(f"invalid device '{value}' (choose from auto, cpu, cuda, cuda:N, mps)")
+
+
+def add_new_flags(parser: argparse.ArgumentParser) -> None:
+    """The flags both scripts have beyond the original's."""
+    parser.add_argument("--negative_prompt", type=str, default="",
+                        help="text to steer away from: used as the unconditional prompt instead of \"\"")
+    parser.add_argument("--device", type=device_name, default="auto",
+                        help="auto|cpu|cuda|mps (auto: cuda, then mps, then cpu)")
+    parser.add_argument("--safety_checker", type=str, default="auto",
+                        help="auto (use CompVis/stable-diffusion-safety-checker if found locally in "
+                             "models/safety-checker/ or the Hugging Face cache), off, or the path of its folder")
+    parser.add_argument("--no_watermark", action="store_true",
+                        help="do not embed the invisible watermark \"StableDiffusionV1\"")
+
+
+def add_precision_flag(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--precision", type=str, help="evaluate at this precision (autocast: fp16 on CUDA, bf16 on "
+                        "a CPU with native bf16, else full)", choices=["full", "autocast", "bf16", "fp16"],
+                        default="autocast")
+
+
+class Terminated(BaseException):
+    """Raised in the main thread when SIGTERM arrives, so cleanup code runs as for Ctrl-C."""
+
+
+def _on_sigterm(signum: int, frame) -> None:
+    raise Terminated()
+
+
+def _first_line(err: BaseException) -> str:
+    lines = str(err).strip().splitlines()
+    return lines[0] if lines else type(err).__name__
+
+
+def main(body: Callable[[Sequence[str] | None], object], argv: Sequence[str] | None = None,
+         prog: str | None = None) -> int:
+    """Run ``body(argv)``; expected errors, Ctrl-C and SIGTERM become one line on stderr and an exit code."""
+    from ldm.checkpoint import CheckpointError
+
+    prog = prog or os.path.basename(sys.argv[0])
+    if hasattr(signal, "SIGTERM"):
+        signal.signal(signal.SIGTERM, _on_sigterm)
+    try:
+        body(argv)
+        return 0
+    except KeyboardInterrupt:
+        print(f"\n{prog}: interrupted; the images saved so far are complete", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except Terminated:
+        print(f"{prog}: terminated; the images saved so far are complete", file=sys.stderr)
+        return EXIT_TERMINATED
+    except (LdmError, CheckpointError) as err:
+        print(f"{prog}: error: {_first_line(err)}", file=sys.stderr)
+        return getattr(err, "exit_code", 1)
+    except BrokenPipeError:
+        return 1
+    except MemoryError:
+        print(f"{prog}: error: out of memory; try a smaller --H/--W or --n_samples", file=sys.stderr)
+        return 1
+    except Exception as err:  # a bug or an unforeseen environment problem: still one line, unless asked
+        if os.environ.get(TRACEBACK_ENV):
+            raise
+        if type(err).__name__ == "OutOfMemoryError":
+            print(f"{prog}: error: out of device memory; try a smaller --H/--W or --n_samples, or --precision "
+                  f"fp16", file=sys.stderr)
+        else:
+            print(f"{prog}: error: {type(err).__name__}: {_first_line(err)} (set {TRACEBACK_ENV}=1 for the "
+                  f"traceback)", file=sys.stderr)
+        return 1
+
+
+def exit_with(body: Callable[[Sequence[str] | None], object]) -> NoReturn:
+    """``sys.exit(main(body))`` for a script's ``if __name__ == "__main__"``."""
+    sys.exit(main(body))
+
+
+def sampler_name(plms: bool, dpm_solver: bool) -> str:
+    """The sampler chosen by ``--plms`` / ``--dpm_solver`` (DDIM when neither)."""
+    if plms and dpm_solver:
+        raise InputError("--plms and --dpm_solver exclude each other; choose one sampler")
+    return "plms" if plms else "dpm_solver" if dpm_solver else "ddim"
+
+
+def use_laion400m(opt: argparse.Namespace, parser: argparse.ArgumentParser, **paths: str) -> None:
+    """``--laion400m``: switch config, ckpt and outdir (those left at their defaults) to the LAION-400M model's,
+    and fail naming the paths when that model is not here."""
+    for name, path in paths.items():
+        if getattr(opt, name) == parser.get_default(name):
+            setattr(opt, name, path)
+    missing = [path for path in (opt.config, opt.ckpt) if not os.path.exists(path)]
+    if missing:
+        raise ModelNotFoundError(f"--laion400m needs the LAION-400M model: config {opt.config} and checkpoint "
+                                 f"{opt.ckpt}; missing: {', '.join(missing)} (get them from the CompVis "
+                                 f"latent-diffusion release, or pass --config/--ckpt)")
