@@ -1,6 +1,7 @@
 """Learning-rate multipliers for ``torch.optim.lr_scheduler.LambdaLR`` (``scheduler_config`` in the configs).
 
-Each scheduler is called with the global step and returns the factor applied to the base learning rate.
+Each scheduler is called with the global step and returns the factor (a Python float) applied to the base
+learning rate.
 """
 from __future__ import annotations
 
@@ -31,8 +32,8 @@ class LambdaWarmUpCosineScheduler:
             t = (n - self.lr_warm_up_steps) / (self.lr_max_decay_steps - self.lr_warm_up_steps)
             t = min(t, 1.0)
             lr = self.lr_min + 0.5 * (self.lr_max - self.lr_min) * (1 + np.cos(t * np.pi))
-        self.last_lr = lr
-        return lr
+        self.last_lr = float(lr)
+        return self.last_lr
 
     def __call__(self, n: int, **kwargs) -> float:
         return self.schedule(n, **kwargs)
@@ -73,8 +74,8 @@ class _CycleScheduler:
             f = (self.f_max[cycle] - self.f_start[cycle]) / self.lr_warm_up_steps[cycle] * n + self.f_start[cycle]
         else:
             f = self.decay(cycle, n)
-        self.last_f = f
-        return f
+        self.last_f = float(f)
+        return self.last_f
 
     def __call__(self, n: int, **kwargs) -> float:
         return self.schedule(n, **kwargs)

@@ -28,6 +28,8 @@ class AutoencoderKL(pl.LightningModule):
         self.encoder = Encoder(**ddconfig)
         self.decoder = Decoder(**ddconfig)
         self.loss = instantiate_from_config(lossconfig)
+        # Lightning 2 has no optimizer_idx: a loss with a discriminator is trained with manual optimization
+        self.automatic_optimization = not self.has_discriminator
         if not ddconfig["double_z"]:
             raise ValueError("AutoencoderKL needs ddconfig.double_z: true (mean and log-variance)")
         self.quant_conv = nn.Conv2d(2 * ddconfig["z_channels"], 2 * embed_dim, 1)
@@ -69,6 +71,74 @@ class AutoencoderKL(pl.LightningModule):
 
     def get_last_layer(self) -> torch.Tensor:
         return self.decoder.conv_out.weight
+
+    # ------------------------------------------------------------------ training (Lightning)
+    @property
+    def has_discriminator(self) -> bool:
+        return isinstance(getattr(self.loss, "discriminator", None), nn.Module)
+
+    def _loss_step(self) -> int:
+        """The step the loss sees (``disc_start``): batches seen. With a discriminator, Lightning 2 counts both
+        optimizers' steps in ``global_step``, i.e. two per batch."""
+        return self.global_step // 2 if self.has_discriminator else self.global_step
+
+    def training_step(self, batch: dict, batch_idx: int):
+        inputs = self.get_input(batch, self.image_key)
+        reconstructions, posterior = self(inputs)
+        step = self._loss_step()
+        aeloss, log_dict_ae = self.loss(inputs, reconstructions, posterior, 0, step,
+                                        last_layer=self.get_last_layer(), split="train")
+        self.log("aeloss", aeloss, prog_bar=True, logger=True, on_step=True, on_epoch=True,
+                 batch_size=inputs.shape[0])
+        self.log_dict(log_dict_ae, prog_bar=False, logger=True, on_step=True, on_epoch=False,
+                      batch_size=inputs.shape[0])
+        if self.automatic_optimization:
+            return aeloss
+
+        opt_ae, opt_disc = self.optimizers()
+        self.toggle_optimizer(opt_ae)
+        opt_ae.zero_grad()
+        self.manual_backward(aeloss)
+        opt_ae.step()
+        self.untoggle_optimizer(opt_ae)
+
+        self.toggle_optimizer(opt_disc)
+        discloss, log_dict_disc = self.loss(inputs, reconstructions.detach(), posterior, 1, step,
+                                            last_layer=self.get_last_layer(), split="train")
+        opt_disc.zero_grad()
+        self.manual_backward(discloss)
+        opt_disc.step()
+        self.untoggle_optimizer(opt_disc)
+        self.log("discloss", discloss, prog_bar=True, logger=True, on_step=True, on_epoch=True,
+                 batch_size=inputs.shape[0])
+        self.log_dict(log_dict_disc, prog_bar=False, logger=True, on_step=True, on_epoch=False,
+                      batch_size=inputs.shape[0])
+        return None
+
+    def validation_step(self, batch: dict, batch_idx: int) -> dict:
+        inputs = self.get_input(batch, self.image_key)
+        reconstructions, posterior = self(inputs)
+        step = self._loss_step()
+        aeloss, log_dict_ae = self.loss(inputs, reconstructions, posterior, 0, step,
+                                        last_layer=self.get_last_layer(), split="val")
+        log = dict(log_dict_ae)
+        if self.has_discriminator:
+            _, log_dict_disc = self.loss(inputs, reconstructions, posterior, 1, step,
+                                         last_layer=self.get_last_layer(), split="val")
+            log.update(log_dict_disc)
+        self.log_dict(log, batch_size=inputs.shape[0], sync_dist=True)
+        return log
+
+    def configure_optimizers(self):
+        """Adam (betas 0.5, 0.9) over encoder, decoder and the two 1x1 convs; a second one for the discriminator."""
+        lr = self.learning_rate
+        params = (list(self.encoder.parameters()) + list(self.decoder.parameters())
+                  + list(self.quant_conv.parameters()) + list(self.post_quant_conv.parameters()))
+        opt_ae = torch.optim.Adam(params, lr=lr, betas=(0.5, 0.9))
+        if not self.has_discriminator:
+            return opt_ae
+        opt_disc = torch.optim.Adam(self.loss.discriminator.parameters(), lr=lr, betas=(0.5, 0.9))
+        return [opt_ae, opt_disc]
 
     @torch.no_grad()
     def log_images(self, batch: dict, only_inputs: bool = False, **kwargs) -> dict:

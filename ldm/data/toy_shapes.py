@@ -1,0 +1,129 @@
+"""Toy shapes: 64x64 captioned images of one solid shape on a plain background, deterministic per index.
+
+Each image shows a circle, an axis-aligned square or an upright isosceles triangle (base at the bottom, apex
+at the top centre, as tall as it is wide), 24-44 px wide and fully inside the image, in one of four colours,
+on a white or black background. The caption is ``"a {colour} {shape} on a {background} background"``.
+Items are dicts in the original LDM batch format: ``image`` (H, W, 3) float32 in [-1, 1] and the caption
+under both ``caption`` and ``txt``.
+"""
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass
+
+import numpy as np
+from torch.utils.data import Dataset
+
+SIZE = 64
+MIN_WIDTH, MAX_WIDTH = 24, 44
+BACKGROUNDS = {"white": (245, 245, 245), "black": (15, 15, 15)}
+COLOURS = {"red": (220, 20, 20), "green": (20, 180, 20), "blue": (20, 20, 220), "yellow": (230, 210, 20)}
+SHAPES = ("circle", "square", "triangle")
+
+
+def caption_of(colour: str, shape: str, background: str) -> str:
+    return f"a {colour} {shape} on a {background} background"
+
+
+# The 24 (colour, shape, background) combinations, in a fixed order; index i of the dataset uses CLASSES[i % 24].
+CLASSES: tuple[tuple[str, str, str], ...] = tuple(
+    (c, s, b) for b, s, c in itertools.product(BACKGROUNDS, SHAPES, COLOURS))
+CAPTIONS: tuple[str, ...] = tuple(caption_of(*cls) for cls in CLASSES)
+
+
+@dataclass(frozen=True)
+class ShapeSpec:
+    """What one image shows: the shape occupies columns [left, left + width) and rows [top, top + width)."""
+
+    colour: str
+    shape: str
+    background: str
+    width: int
+    left: int
+    top: int
+
+    @property
+    def caption(self) -> str:
+        return caption_of(self.colour, self.shape, self.background)
+
+
+def shape_mask(shape: str, width: int, left: int, top: int, size: int = SIZE) -> np.ndarray:
+    """Boolean (size, size) mask of a shape whose square bounding box is ``width`` px from (left, top).
+
+    A pixel belongs to the shape when its centre does.
+    """
+    ys, xs = np.mgrid[0:size, 0:size].astype(np.float64) + 0.5
+    u, v = xs - left, ys - top  # pixel centres in box coordinates, 0..width
+    inside_box = (u >= 0) & (u <= width) & (v >= 0) & (v <= width)
+    half = width / 2.0
+    if shape == "square":
+        return inside_box
+    if shape == "circle":
+        return (u - half) ** 2 + (v - half) ** 2 <= half ** 2
+    if shape == "triangle":
+        # apex (half, 0), base from (0, width) to (width, width): half-width at depth v is v / 2
+        return inside_box & (np.abs(u - half) <= v / 2.0)
+    raise ValueError(f"unknown shape '{shape}'; use one of {', '.join(SHAPES)}")
+
+
+def render(spec: ShapeSpec, size: int = SIZE) -> np.ndarray:
+    """The uint8 image (size, size, 3) of ``spec``."""
+    image = np.empty((size, size, 3), dtype=np.uint8)
+    image[:] = BACKGROUNDS[spec.background]
+    image[shape_mask(spec.shape, spec.width, spec.left, spec.top, size)] = COLOURS[spec.colour]
+    return image
+
+
+def spec_for_index(index: int, seed: int = 0) -> ShapeSpec:
+    """The deterministic content of item ``index``: class ``CLASSES[index % 24]``, random size and position."""
+    colour, shape, background = CLASSES[index % len(CLASSES)]
+    rng = np.random.default_rng([seed, index])
+    width = int(rng.integers(MIN_WIDTH, MAX_WIDTH + 1))
+    left = int(rng.integers(0, SIZE - width + 1))
+    top = int(rng.integers(0, SIZE - width + 1))
+    return ShapeSpec(colour, shape, background, width, left, top)
+
+
+class ToyShapes(Dataset):
+    """``size`` items, item i drawn from ``spec_for_index(i, seed)``; use different seeds for train and validation.
+
+    ``crop_size`` (a multiple of 8 below 64) returns a crop of each image instead, at a position on the 8-pixel
+    grid drawn per index: cheaper training for a fully convolutional autoencoder (SD's was trained on crops too).
+    """
+
+    def __init__(self, size: int = 24000, seed: int = 0, crop_size: int | None = None):
+        if size <= 0:
+            raise ValueError(f"ToyShapes size must be positive, got {size}")
+        if crop_size is not None and not (0 < crop_size <= SIZE and crop_size % 8 == 0):
+            raise ValueError(f"crop_size must be a multiple of 8 in 8..{SIZE}, got {crop_size}")
+        self.size = size
+        self.seed = seed
+        self.crop_size = crop_size
+
+    def __len__(self) -> int:
+        return self.size
+
+    def __getitem__(self, index: int) -> dict:
+        if not 0 <= index < self.size:
+            raise IndexError(f"index {index} out of range for ToyShapes of size {self.size}")
+        spec = spec_for_index(index, self.seed)
+        image = render(spec).astype(np.float32) / 127.5 - 1.0
+        if self.crop_size is not None and self.crop_size < SIZE:
+            cells = (SIZE - self.crop_size) // 8 + 1
+            top, left = 8 * np.random.default_rng([self.seed, index, 1]).integers(0, cells, size=2)
+            image = image[top:top + self.crop_size, left:left + self.crop_size]
+        return {"image": image, "caption": spec.caption, "txt": spec.caption}
+
+
+class ToyShapesTrain(ToyShapes):
+    """Training split (seed 0 by default)."""
+
+    def __init__(self, size: int = 24000, seed: int = 0, crop_size: int | None = None):
+        super().__init__(size=size, seed=seed, crop_size=crop_size)
+
+
+class ToyShapesValidation(ToyShapes):
+    """Validation split (seed 1 by default, so its images differ from the training ones)."""
+
+    def __init__(self, size: int = 240, seed: int = 1):
+        super().__init__(size=size, seed=seed)
