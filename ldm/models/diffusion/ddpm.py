@@ -68,6 +68,7 @@ class DDPM(pl.LightningModule):
                  use_positional_encodings: bool = False,
                  learn_logvar: bool = False,
                  logvar_init: float = 0.0,
+                 ucg_training: dict | None = None,
                  ):
         super().__init__()
         if parameterization not in ("eps", "x0"):
@@ -97,6 +98,8 @@ class DDPM(pl.LightningModule):
         self.register_schedule(given_betas=given_betas, beta_schedule=beta_schedule, timesteps=timesteps,
                                linear_start=linear_start, linear_end=linear_end, cosine_s=cosine_s)
         self.loss_type = loss_type
+        # classifier-free guidance training: {batch key: {"p": drop probability, "val": replacement}}
+        self.ucg_training = {k: dict(v) for k, v in (ucg_training or {}).items()}
         self.learn_logvar = learn_logvar
         self.logvar = torch.full(fill_value=logvar_init, size=(self.num_timesteps,))
         if self.learn_logvar:
@@ -278,8 +281,29 @@ class DDPM(pl.LightningModule):
         x = self.get_input(batch, self.first_stage_key)
         return self(x)
 
+    def drop_conditioning(self, batch: dict) -> dict:
+        """A copy of ``batch`` where each entry of ``batch[key]`` is replaced by ``ucg_training[key]["val"]``
+        (default ``""``) with probability ``ucg_training[key]["p"]``: the unconditional examples that
+        classifier-free guidance needs (Ho & Salimans 2022; SD v1 dropped 10 % of captions)."""
+        if not self.ucg_training:
+            return batch
+        batch = dict(batch)
+        for key, spec in self.ucg_training.items():
+            if key not in batch:
+                raise KeyError(f"ucg_training names batch key '{key}', but the batch has {sorted(batch)}")
+            value = "" if spec.get("val") is None else spec["val"]
+            entries = batch[key]
+            drop = torch.rand(len(entries)) < float(spec["p"])
+            if isinstance(entries, torch.Tensor):
+                mask = drop.to(entries.device).reshape(-1, *([1] * (entries.dim() - 1)))
+                batch[key] = torch.where(mask, torch.as_tensor(value, dtype=entries.dtype, device=entries.device),
+                                         entries)
+            else:
+                batch[key] = [value if d else entry for entry, d in zip(entries, drop.tolist())]
+        return batch
+
     def training_step(self, batch: dict, batch_idx: int):
-        loss, loss_dict = self.shared_step(batch)
+        loss, loss_dict = self.shared_step(self.drop_conditioning(batch))
         batch_size = len(batch[self.first_stage_key])
         self.log_dict(loss_dict, prog_bar=True, logger=True, on_step=True, on_epoch=True, batch_size=batch_size)
         self.log("global_step", float(self.global_step), prog_bar=True, logger=True, on_step=True,
@@ -401,14 +425,17 @@ class LatentDiffusion(DDPM):
 
     @torch.no_grad()
     def on_train_batch_start(self, batch: dict, batch_idx: int, dataloader_idx: int = 0) -> None:
-        """With ``scale_by_std``, set scale_factor = 1 / std(z) from the first training batch (LDM sec. 4.3.2)."""
+        """With ``scale_by_std``, set scale_factor = 1 / std(z) from the first training batch (LDM sec. 4.3.2);
+        under data parallelism the std is averaged over the ranks so that all replicas agree."""
         if (self.scale_by_std and self.current_epoch == 0 and self.global_step == 0 and batch_idx == 0
                 and not self.restarted_from_ckpt):
             assert self.scale_factor == 1.0, "rather not use custom rescaling and std-rescaling simultaneously"
             x = super().get_input(batch, self.first_stage_key).to(self.device)
-            z = self.get_first_stage_encoding(self.encode_first_stage(x)).detach()
-            del self.scale_factor
-            self.register_buffer("scale_factor", 1.0 / z.flatten().std())
+            z = self.get_first_stage_encoding(self.encode_first_stage(x)).detach().float()
+            std = z.flatten().std()
+            if self._trainer is not None:
+                std = self.trainer.strategy.reduce(std, reduce_op="mean")
+            self.scale_factor.copy_(1.0 / std)  # in place: the buffer stays the one DDP broadcasts
             print(f"setting self.scale_factor to {self.scale_factor}")
 
     # ------------------------------------------------------------------ stages
