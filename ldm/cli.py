@@ -6,6 +6,7 @@ import argparse
 import os
 import signal
 import sys
+import threading
 from typing import Callable, NoReturn, Sequence
 
 from ldm.errors import InputError, LdmError, ModelNotFoundError
@@ -69,8 +70,9 @@ def main(body: Callable[[Sequence[str] | None], object], argv: Sequence[str] | N
     from ldm.checkpoint import CheckpointError
 
     prog = prog or os.path.basename(sys.argv[0])
-    if hasattr(signal, "SIGTERM"):
-        signal.signal(signal.SIGTERM, _on_sigterm)
+    previous = None
+    if hasattr(signal, "SIGTERM") and threading.current_thread() is threading.main_thread():
+        previous = signal.signal(signal.SIGTERM, _on_sigterm)
     try:
         body(argv)
         return 0
@@ -98,6 +100,9 @@ def main(body: Callable[[Sequence[str] | None], object], argv: Sequence[str] | N
             print(f"{prog}: error: {type(err).__name__}: {_first_line(err)} (set {TRACEBACK_ENV}=1 for the "
                   f"traceback)", file=sys.stderr)
         return 1
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
 
 
 def exit_with(body: Callable[[Sequence[str] | None], object]) -> NoReturn:

@@ -220,11 +220,12 @@ class NumberedWriter:
     def __init__(self, directory: str | Path, pattern: tuple[str, re.Pattern] = SAMPLE_PATTERN):
         self.directory = Path(directory)
         self.name_format, self.regex = pattern
+        blocking = next((p for p in (self.directory, *self.directory.parents) if p.exists() and not p.is_dir()), None)
+        if blocking is not None:
+            raise OutputError(f"cannot create output folder {self.directory}: {blocking} is a file, not a folder; "
+                              f"choose another --outdir")
         try:
             self.directory.mkdir(parents=True, exist_ok=True)
-        except FileExistsError:
-            raise OutputError(f"cannot create output folder {self.directory}: a file with that name exists; "
-                              f"choose another --outdir") from None
         except OSError as err:
             raise OutputError(f"cannot create output folder {self.directory}: {err.strerror or err}; "
                               f"choose another --outdir") from None

@@ -142,14 +142,14 @@ def resolve_precision(name: str, device: torch.device) -> Precision:
 def check_model_files(config: str | Path, ckpt: str | Path) -> None:
     """Fail early, with the fix, when the config or checkpoint file is missing."""
     config, ckpt = Path(config), Path(ckpt)
-    if not config.is_file():
-        raise ModelNotFoundError(f"config not found: {config}; check --config")
     if not ckpt.exists():
         if ckpt == Path(DEFAULT_CKPT):
             raise ModelNotFoundError(f"checkpoint not found: {ckpt}. Link your Stable Diffusion v1 weights there: "
                                      f"`{LINK_COMMAND}` (or pass --ckpt), or try the small embedded model: "
                                      f"`{TOY_COMMAND}`")
         raise ModelNotFoundError(f"checkpoint not found: {ckpt}; check --ckpt")
+    if not config.is_file():
+        raise ModelNotFoundError(f"config not found: {config}; check --config")
 
 
 def load_config(path: str | Path):

@@ -50,7 +50,7 @@ def test_watermark_is_the_original_procedure():
 
     image = smooth_image(512, 384, seed=1)
     encoder = WatermarkEncoder()
-    encoder.set_watermark("bytes", "StableDiffusionV1".encode("utf-8"))
+    encoder.set_watermark("bytes", b"StableDiffusionV1")
     expected = encoder.encode(cv2.cvtColor(np.array(image), cv2.COLOR_RGB2BGR), "dwtDct")[:, :, ::-1]
     np.testing.assert_array_equal(np.asarray(Watermarker()(image)), expected)
 
@@ -184,8 +184,10 @@ def test_signal_during_publish_is_deferred():
 
 def test_outdir_that_is_a_file(tmp_path):
     (tmp_path / "out").write_text("x")
-    with pytest.raises(OutputError, match="a file with that name exists"):
+    with pytest.raises(OutputError, match="out is a file, not a folder"):
         NumberedWriter(tmp_path / "out")
+    with pytest.raises(OutputError, match="out is a file, not a folder"):
+        NumberedWriter(tmp_path / "out" / "samples")
 
 
 def test_highest_index(tmp_path):
