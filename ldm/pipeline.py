@@ -1,8 +1,8 @@
-"""Text-to-image and image-to-image generation: load, condition, sample, decode, check, watermark, save.
+"""Text-to-image and image-to-image generation of one batch: load, condition, sample, decode, check.
 
-The scripts in ``scripts/`` only parse flags and call :func:`run`; the pieces are reusable on their own:
-:func:`load_pipeline` builds a :class:`Pipeline` for a device and precision, :func:`plan_jobs` splits the
-work into batches with their seeds, and :meth:`Pipeline.generate` turns one batch into images.
+:func:`load_pipeline` builds a :class:`Pipeline` (model, device, precision, safety checker) and
+:meth:`Pipeline.generate` turns prompts and seeds into images; :mod:`ldm.run` drives a whole script run
+(batches, watermark, metadata, files) on top of it.
 
 Seeds: image ``k`` of a run (counted in generation order: iteration, then prompt batch, then position in the
 batch) starts from noise drawn with ``torch.Generator("cpu").manual_seed(seed + k)`` and then moved to the
@@ -15,7 +15,6 @@ generator, reseeded with the image's seed.
 from __future__ import annotations
 
 import importlib
-import math
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,17 +26,7 @@ from PIL import Image
 
 from ldm.checkpoint import CheckpointError, load_model_from_config
 from ldm.errors import DeviceError, InputError, LdmError, ModelNotFoundError
-from ldm.image_io import SIZE_MULTIPLE, load_img, open_image, read_prompt_file, round_to_multiple
-from ldm.output import (
-    GRID_PATTERN,
-    SAMPLE_PATTERN,
-    ModelHash,
-    NumberedWriter,
-    Watermarker,
-    can_watermark,
-    format_parameters,
-    make_grid,
-)
+from ldm.output import ModelHash
 
 DEFAULT_CONFIG = "configs/stable-diffusion/v1-inference.yaml"
 DEFAULT_CKPT = "models/ldm/stable-diffusion-v1/model.ckpt"
@@ -165,6 +154,22 @@ def load_config(path: str | Path):
     if not hasattr(config, "get") or config.get("model") is None or "target" not in config.model:
         raise InputError(f"config {path} has no model.target entry; use a model config such as {DEFAULT_CONFIG}")
     return config
+
+
+@dataclass
+class Settings:
+    """What a batch is sampled with (``height``/``width`` for text-to-image, ``strength`` for image-to-image)."""
+
+    steps: int = 50
+    sampler: str = "ddim"
+    scale: float = 7.5
+    eta: float = 0.0
+    negative_prompt: str = ""
+    height: int = 512
+    width: int = 512
+    channels: int = 4
+    factor: int = 8
+    strength: float | None = None
 
 
 @dataclass
@@ -327,231 +332,4 @@ def load_pipeline(config: str | Path, ckpt: str | Path, device: str = "auto", pr
         first = str(err).splitlines()[0] if str(err) else type(err).__name__
         raise InputError(f"cannot build the model of config {config}: {first}") from None
     checker = load_safety_checker(safety_checker, torch_device, warn=say)
-    return Pipeline(model, torch_device, prec, checker, Path(ckpt).stem, model_hash)
-
-
-# ---------------------------------------------------------------------------------------------- a run
-@dataclass
-class Settings:
-    """What a batch is sampled with (``height``/``width`` for text-to-image, ``strength`` for image-to-image)."""
-
-    steps: int = 50
-    sampler: str = "ddim"
-    scale: float = 7.5
-    eta: float = 0.0
-    negative_prompt: str = ""
-    height: int = 512
-    width: int = 512
-    channels: int = 4
-    factor: int = 8
-    strength: float | None = None
-
-
-@dataclass(frozen=True)
-class Job:
-    """One batch of a run: its prompts and their seeds (``index``: position in the run's job list)."""
-
-    index: int
-    iteration: int
-    prompts: tuple[str, ...]
-    seeds: tuple[int, ...]
-
-
-def chunk(items: Sequence[str], size: int) -> list[tuple[str, ...]]:
-    """``items`` in consecutive batches of ``size`` (the last one may be shorter)."""
-    return [tuple(items[i:i + size]) for i in range(0, len(items), size)]
-
-
-def plan_jobs(prompts: Sequence[str], batch_size: int, n_iter: int, seed: int, fixed_code: bool = False) -> list[Job]:
-    """The batches of a run: ``n_iter`` passes over ``prompts`` in batches of ``batch_size``, with their seeds."""
-    jobs, k = [], 0
-    batches = chunk(prompts, batch_size)
-    for n in range(n_iter):
-        for batch in batches:
-            first = seed if fixed_code else seed + k
-            jobs.append(Job(len(jobs), n, batch, tuple(first + j for j in range(len(batch)))))
-            k += len(batch)
-    return jobs
-
-
-@dataclass
-class RunOptions:
-    """Everything :func:`run` needs; the scripts build it from their flags."""
-
-    prompts: list[str]
-    outdir: str
-    init_img: str | None = None
-    negative_prompt: str = ""
-    config: str = DEFAULT_CONFIG
-    ckpt: str = DEFAULT_CKPT
-    sampler: str = "ddim"
-    steps: int = 50
-    eta: float = 0.0
-    scale: float = 7.5
-    strength: float = 0.75
-    n_iter: int = 1
-    n_samples: int = 1
-    n_rows: int = 0
-    height: int = 512
-    width: int = 512
-    channels: int = 4
-    factor: int = 8
-    seed: int = 42
-    fixed_code: bool = False
-    skip_save: bool = False
-    skip_grid: bool = False
-    device: str = "auto"
-    precision: str = "autocast"
-    safety_checker: str = "auto"
-    watermark: bool = True
-
-
-def validate(opt: RunOptions) -> None:
-    """Reject option values that cannot work, before anything is loaded."""
-    def positive(name: str, value: int) -> None:
-        if value < 1:
-            raise InputError(f"{name} must be at least 1 (got {value})")
-
-    positive("--ddim_steps", opt.steps)
-    positive("--n_iter", opt.n_iter)
-    positive("--n_samples", opt.n_samples)
-    positive("--C", opt.channels)
-    positive("--f", opt.factor)
-    if opt.init_img is None:
-        positive("--H", opt.height)
-        positive("--W", opt.width)
-    if opt.n_rows < 0:
-        raise InputError(f"--n_rows must be 0 (= n_samples) or more (got {opt.n_rows})")
-    if not math.isfinite(opt.scale):
-        raise InputError(f"--scale must be a finite number (got {opt.scale})")
-    if not math.isfinite(opt.eta) or opt.eta < 0:
-        raise InputError(f"--ddim_eta must be a finite number >= 0 (got {opt.eta})")
-    if opt.sampler == "plms" and opt.eta != 0:
-        raise InputError(f"PLMS is deterministic: --ddim_eta must be 0 with --plms (got {opt.eta})")
-    if opt.init_img is not None and not 0.0 <= opt.strength <= 1.0:
-        raise InputError(f"--strength must be between 0.0 and 1.0 (got {opt.strength}): 0 keeps the init image, "
-                         f"1 replaces it with noise")
-    if not 0 <= opt.seed < 2**32:
-        raise InputError(f"--seed must be between 0 and {2**32 - 1} (got {opt.seed})")
-    if not opt.prompts:
-        raise InputError("no prompt given; use --prompt or --from-file")
-
-
-def run(opt: RunOptions, say: Callable[[str], None] = _say) -> list[Path]:
-    """Generate, check, watermark and save everything ``opt`` asks for; returns the paths written."""
-    from ldm.safety import find_safety_checker
-
-    # everything that can be checked without the model fails before it is loaded
-    validate(opt)
-    if opt.init_img is not None:
-        open_image(opt.init_img, notice=lambda message: None)
-    resolve_precision(opt.precision, resolve_device(opt.device))
-    check_model_files(opt.config, opt.ckpt)
-    find_safety_checker(opt.safety_checker)
-    outdir = Path(opt.outdir)
-    sample_writer = NumberedWriter(outdir / "samples", SAMPLE_PATTERN)
-    grid_writer = NumberedWriter(outdir, GRID_PATTERN)
-
-    pipe = load_pipeline(opt.config, opt.ckpt, opt.device, opt.precision, opt.safety_checker, say)
-    if opt.channels != pipe.latent_channels:
-        raise InputError(f"--C {opt.channels} does not match the model's {pipe.latent_channels} latent channels; "
-                         f"use --C {pipe.latent_channels}")
-    if opt.factor != pipe.downsampling_factor:
-        raise InputError(f"--f {opt.factor} does not match the model's downsampling factor "
-                         f"{pipe.downsampling_factor}; use --f {pipe.downsampling_factor}")
-    multiple = pipe.size_multiple
-    settings = Settings(steps=opt.steps, sampler=opt.sampler, scale=opt.scale, eta=opt.eta,
-                        negative_prompt=opt.negative_prompt, channels=opt.channels, factor=opt.factor)
-    posterior = None
-    if opt.init_img is not None:
-        init_image = load_img(opt.init_img, math.lcm(SIZE_MULTIPLE, multiple), say)
-        settings.height, settings.width = init_image.shape[2:]
-        settings.strength = opt.strength
-        say(f"target t_enc is {img2img_steps(opt.strength, opt.steps)} steps")
-        with torch.no_grad(), pipe.precision.context(pipe.device):
-            posterior = pipe.encode_init(init_image)
-    else:
-        height, width = round_to_multiple(opt.height, multiple), round_to_multiple(opt.width, multiple)
-        for flag, asked, used in (("--H", opt.height, height), ("--W", opt.width, width)):
-            if asked != used:
-                say(f"{flag} {asked} is not a multiple of {multiple}, which this model needs; using {used}")
-        settings.height, settings.width = height, width
-
-    _warn_long_prompts(pipe, opt.prompts, opt.negative_prompt, say)
-    watermark = Watermarker() if opt.watermark else None
-    if watermark is not None and not can_watermark(settings.width, settings.height):
-        say(f"notice: {settings.width}x{settings.height} images are below the 256x256 pixels the invisible "
-            f"watermark needs; samples are saved without it")
-    jobs = plan_jobs(opt.prompts, opt.n_samples, opt.n_iter, opt.seed, opt.fixed_code)
-    fields = _fixed_fields(pipe, settings)
-    saved: list[Path] = []
-    grid_images: list[np.ndarray] = []
-    from tqdm import tqdm
-
-    for job in tqdm(jobs, desc="Sampling", disable=len(jobs) < 2):
-        images, flagged = pipe.generate(job.prompts, job.seeds, settings, posterior)
-        for image, prompt, seed, bad in zip(images, job.prompts, job.seeds, flagged):
-            if not opt.skip_save:
-                path = sample_writer.save(_finish(image, watermark),
-                                          _parameters(prompt, seed, settings, fields, pipe, bad))
-                saved.append(path)
-                if bad:
-                    say(f"safety checker: {path} (seed {seed}) was flagged and saved as a black image")
-            elif bad:
-                say(f"safety checker: the image of seed {seed} was flagged")
-            if not opt.skip_grid:
-                grid_images.append(image)
-    if not opt.skip_grid and grid_images:
-        n_rows = opt.n_rows if opt.n_rows > 0 else opt.n_samples
-        grid = Image.fromarray(make_grid(grid_images, n_rows))
-        parameters = _parameters(jobs[0].prompts[0], jobs[0].seeds[0], settings, fields, pipe, False)
-        saved.append(grid_writer.save(_finish(grid, watermark), parameters))
-    say(f"Your samples are ready and waiting for you here: \n{outdir} \n \nEnjoy.")
-    return saved
-
-
-def _warn_long_prompts(pipe: Pipeline, prompts: Sequence[str], negative: str, say: Callable[[str], None]) -> None:
-    encoder = getattr(pipe.model, "cond_stage_model", None)
-    if not hasattr(encoder, "count_tokens"):
-        return
-    limit = getattr(encoder, "max_length", 77)
-    for text, what in [(p, "prompt") for p in dict.fromkeys(prompts)] + [(negative, "negative prompt")]:
-        if text and (n := encoder.count_tokens(text)) > limit:
-            short = text if len(text) <= 40 else text[:37] + "..."
-            say(f"warning: {what} '{short}' has {n} tokens; only the first {limit} are used")
-
-
-def _finish(image: np.ndarray | Image.Image, watermark: Watermarker | None) -> Image.Image:
-    picture = image if isinstance(image, Image.Image) else Image.fromarray(image)
-    if watermark is not None and can_watermark(*picture.size):
-        picture = watermark(picture)
-    return picture
-
-
-def _fixed_fields(pipe: Pipeline, settings: Settings) -> dict[str, object]:
-    return {"Steps": settings.steps, "Sampler": SAMPLERS[settings.sampler][2], "CFG scale": settings.scale}
-
-
-def _parameters(prompt: str, seed: int, settings: Settings, fields: dict, pipe: Pipeline, flagged: bool) -> str:
-    values = dict(fields)
-    values["Seed"] = seed
-    values["Size"] = f"{settings.width}x{settings.height}"
-    values["Model hash"] = pipe.model_hash.result()
-    values["Model"] = pipe.model_name or None
-    if settings.strength is not None:
-        values["Denoising strength"] = settings.strength
-    if settings.eta:
-        values["Eta"] = settings.eta
-    values["Precision"] = pipe.precision.label
-    if flagged:
-        values["NSFW"] = "flagged by the safety checker; image replaced by black"
-    return format_parameters(prompt, settings.negative_prompt, values)
-
-
-def prompts_from(prompt: str | None, from_file: str | None, n_samples: int) -> list[str]:
-    """The run's prompt list: the file's non-blank lines, else ``n_samples`` copies of ``prompt``."""
-    if from_file:
-        return read_prompt_file(from_file)
-    if prompt is None or not prompt.strip():
-        raise InputError("the prompt is empty; give --prompt \"...\" or --from-file")
-    return n_samples * [prompt]
+    return Pipeline(model, torch_device, prec, checker, Path(ckpt).resolve().stem, model_hash)

@@ -59,7 +59,7 @@ def build_parser() -> cli.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> None:
     opt = build_parser().parse_args(argv)
-    from ldm.pipeline import RunOptions, prompts_from, run  # imports torch: after the flags are checked
+    from ldm.run import RunOptions, prompts_from, run  # imports torch: after the flags are checked
 
     if not opt.init_img:
         raise InputError("no input image; give --init-img PATH")

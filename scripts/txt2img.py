@@ -61,7 +61,7 @@ def build_parser() -> cli.ArgumentParser:
 def main(argv: list[str] | None = None) -> None:
     parser = build_parser()
     opt = parser.parse_args(argv)
-    from ldm.pipeline import RunOptions, prompts_from, run  # imports torch: after the flags are checked
+    from ldm.run import RunOptions, prompts_from, run  # imports torch: after the flags are checked
 
     if opt.laion400m:
         print("Falling back to LAION 400M model...")

@@ -9,21 +9,20 @@ from PIL import Image
 
 from ldm.errors import DeviceError, InputError
 from ldm.image_io import fit_to_multiple, load_img, open_image, read_prompt_file, to_rgb
-from ldm.pipeline import (
-    Pipeline,
-    Precision,
-    RunOptions,
-    Settings,
-    plan_jobs,
-    prompts_from,
-    resolve_device,
-    resolve_precision,
-    to_uint8,
-    validate,
-)
+from ldm.pipeline import Pipeline, Precision, Settings, resolve_device, resolve_precision, to_uint8
+from ldm.run import RunOptions, plan_jobs, prompts_from, validate
 from tests.conftest import PROMPTS, assert_matches_reference
 
 FULL = Precision("full", torch.float32, None)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """The tiny model gains nothing from threads, and on a shared CPU idle OpenMP threads spin."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
