@@ -271,7 +271,7 @@ class Pipeline:
         t = torch.tensor([t_enc] * len(prompts), device=self.device)
         z_enc = sampler.stochastic_encode(init_latent, t, noise=noise)
         return sampler.decode(z_enc, c, t_enc, unconditional_guidance_scale=settings.scale,
-                              unconditional_conditioning=uc)
+                              unconditional_conditioning=uc, verbose=False)
 
     def generate(self, prompts: Sequence[str], seeds: Sequence[int], settings: Settings, posterior=None,
                  per_image: bool = True) -> tuple[np.ndarray, list[bool]]:

@@ -416,7 +416,7 @@ def test_bad_input_is_one_line(bad_inputs, name, argv, expected, capsys, monkeyp
     assert "Traceback" not in err
 
 
-def test_unavailable_device(capsys, tmp_path, monkeypatch, bad_inputs):
+def test_unavailable_device(capsys, tmp_path, monkeypatch):
     if torch.cuda.is_available():
         pytest.skip("this machine has CUDA")
     monkeypatch.chdir(tmp_path)
