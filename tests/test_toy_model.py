@@ -1,0 +1,131 @@
+"""The shipped toy-shapes model: size and layout, and the quality of what scripts/txt2img.py makes with it.
+
+Every image is judged by tests/toy_classifier.py (pixels and geometry only), which is itself checked here on
+the dataset's ground-truth images.
+"""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from omegaconf import OmegaConf
+from PIL import Image
+
+from ldm.checkpoint import read_checkpoint
+from ldm.data.toy_shapes import CAPTIONS, CLASSES, render, spec_for_index
+from tests.toy_classifier import classify
+
+ROOT = Path(__file__).resolve().parent.parent
+MODEL_DIR = ROOT / "models" / "ldm" / "toy-shapes"
+CKPT = MODEL_DIR / "model.ckpt"
+CONFIG = MODEL_DIR / "config.yaml"
+SEEDS_PER_CAPTION = 4
+STEPS = 25
+SCALE = 5.0
+# required fraction of correct images, per attribute
+REQUIRED = {"colour": 0.95, "shape": 0.90, "background": 0.98}
+
+needs_model = pytest.mark.skipif(not CKPT.is_file(), reason="models/ldm/toy-shapes/model.ckpt is not there")
+
+
+def test_classifier_is_right_on_ground_truth_images():
+    wrong = []
+    for index in range(480):
+        spec = spec_for_index(index, seed=11)
+        verdict = classify(render(spec))
+        if (verdict.colour, verdict.shape, verdict.background) != (spec.colour, spec.shape, spec.background):
+            wrong.append((spec, verdict))
+    assert not wrong, f"{len(wrong)} of 480 true images misjudged, e.g. {wrong[:3]}"
+
+
+def test_classifier_rejects_an_empty_image():
+    blank = np.full((64, 64, 3), 245, dtype=np.uint8)
+    assert classify(blank) == (None, None, "white")
+
+
+def test_classifier_tells_shapes_apart_when_blurred():
+    """Generated shapes have soft edges: a 3x3 box blur must not change the verdict."""
+    for index in range(0, 240, 5):
+        spec = spec_for_index(index, seed=12)
+        image = render(spec).astype(np.float64)
+        padded = np.pad(image, ((1, 1), (1, 1), (0, 0)), mode="edge")
+        blurred = sum(padded[dy:dy + 64, dx:dx + 64] for dy in range(3) for dx in range(3)) / 9.0
+        verdict = classify(blurred.round().astype(np.uint8))
+        assert (verdict.colour, verdict.shape, verdict.background) == (spec.colour, spec.shape, spec.background)
+
+
+@needs_model
+def test_shipped_checkpoint_layout_and_size():
+    assert CKPT.stat().st_size <= 25 * 2 ** 20, f"{CKPT} is {CKPT.stat().st_size / 2 ** 20:.1f} MiB (limit 25)"
+    sd, _ = read_checkpoint(CKPT)
+    assert not any(k.startswith("model_ema.") for k in sd), "EMA weights must be baked into model.*"
+    assert all(k.startswith(("model.diffusion_model.", "first_stage_model.", "cond_stage_model.")) or "." not in k
+               for k in sd)
+    config = OmegaConf.load(CONFIG)
+    assert config.model.params.use_ema is False
+    assert config.model.target == "ldm.models.diffusion.ddpm.LatentDiffusion"
+
+
+def _run_txt2img(sampler_flag: list[str], outdir: Path, prompts_file: Path) -> list[np.ndarray]:
+    cmd = [sys.executable, str(ROOT / "scripts" / "txt2img.py"), "--config", str(CONFIG), "--ckpt", str(CKPT),
+           "--from-file", str(prompts_file), "--n_samples", str(len(CAPTIONS)), "--n_iter", str(SEEDS_PER_CAPTION),
+           "--H", "64", "--W", "64", "--ddim_steps", str(STEPS), "--scale", str(SCALE), "--seed", "1000",
+           "--skip_grid", "--outdir", str(outdir), *sampler_flag]
+    result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600,
+                            env=dict(os.environ, PYTHONPATH=str(ROOT)))
+    assert result.returncode == 0, result.stderr[-3000:]
+    files = sorted((outdir / "samples").glob("*.png"))
+    assert len(files) == len(CAPTIONS) * SEEDS_PER_CAPTION, f"{len(files)} samples written"
+    return [np.asarray(Image.open(f).convert("RGB")) for f in files]
+
+
+@needs_model
+@pytest.mark.parametrize("sampler", ["ddim", "plms", "dpm_solver"])
+def test_txt2img_draws_what_the_caption_says(sampler, tmp_path):
+    """All 24 captions x 4 seeds at 64x64 through scripts/txt2img.py, judged by the classifier."""
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("\n".join(CAPTIONS) + "\n")
+    flag = {"ddim": [], "plms": ["--plms"], "dpm_solver": ["--dpm_solver"]}[sampler]
+    images = _run_txt2img(flag, tmp_path / sampler, prompts)
+    right = {"colour": 0, "shape": 0, "background": 0}
+    misses = []
+    for i, image in enumerate(images):
+        colour, shape, background = CLASSES[i % len(CLASSES)]  # files follow the prompt order, seed after seed
+        verdict = classify(image)
+        right["colour"] += verdict.colour == colour
+        right["shape"] += verdict.shape == shape
+        right["background"] += verdict.background == background
+        if verdict != (colour, shape, background):
+            misses.append(f"{CAPTIONS[i % len(CAPTIONS)]} -> {tuple(verdict)}")
+    rates = {k: v / len(images) for k, v in right.items()}
+    report = ", ".join(f"{k} {100 * v:.1f} %" for k, v in rates.items())
+    for key, need in REQUIRED.items():
+        assert rates[key] >= need, f"{sampler}: {report}; {key} needs {100 * need:.0f} %; misses: {misses[:6]}"
+
+
+@needs_model
+def test_library_api_generates_the_caption():
+    """The same model through the library (DDIM sampler, EMA baked in): a quick check on a few captions."""
+    from ldm.checkpoint import load_model_from_config
+    from ldm.models.diffusion.ddim import DDIMSampler
+
+    config = OmegaConf.load(CONFIG)
+    model = load_model_from_config(config, CKPT)
+    captions = [CAPTIONS[i] for i in (0, 7, 14, 21)]
+    torch.manual_seed(0)
+    with torch.no_grad():
+        c = model.get_learned_conditioning(captions)
+        uc = model.get_learned_conditioning([""] * len(captions))
+        z, _ = DDIMSampler(model).sample(S=STEPS, conditioning=c, batch_size=len(captions), shape=[4, 8, 8],
+                                         verbose=False, unconditional_guidance_scale=SCALE,
+                                         unconditional_conditioning=uc, eta=0.0)
+        x = model.decode_first_stage(z)
+    images = (255 * ((x.clamp(-1, 1) + 1) / 2)).permute(0, 2, 3, 1).numpy().astype(np.uint8)
+    verdicts = [classify(img) for img in images]
+    expected = [CLASSES[i] for i in (0, 7, 14, 21)]
+    assert sum(tuple(v) == e for v, e in zip(verdicts, expected)) >= 3, list(zip(verdicts, expected))

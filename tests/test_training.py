@@ -1,0 +1,416 @@
+"""Training: main.py runs (checkpoint layout, strict reload, EMA, resume, Ctrl-C, DDP), the autoencoder losses,
+learning-rate schedules, caption dropout, and the toy-shapes data spec."""
+from __future__ import annotations
+
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import pytorch_lightning as pl
+import torch
+from omegaconf import OmegaConf
+from torch import nn
+
+import main as main_module
+from ldm.checkpoint import load_model_from_config, read_checkpoint
+from ldm.data.toy_shapes import CAPTIONS, ToyShapes, ToyShapesTrain, ToyShapesValidation, spec_for_index
+from ldm.lr_scheduler import LambdaLinearScheduler, LambdaWarmUpCosineScheduler, LambdaWarmUpCosineScheduler2
+from ldm.util import instantiate_from_config
+from tests.conftest import TINY
+
+ROOT = Path(__file__).resolve().parent.parent
+LDM_CONFIG = ROOT / "configs" / "toy-shapes" / "ldm.yaml"
+AE_CONFIG = ROOT / "configs" / "toy-shapes" / "autoencoder.yaml"
+
+# A tiny model with the toy config's structure: small UNet, f=8 autoencoder, the 2-layer test CLIP.
+TINY_LDM = {
+    "model": {"params": {
+        "unet_config": {"params": {"model_channels": 32, "channel_mult": [1], "num_res_blocks": 1,
+                                   "attention_resolutions": [1], "context_dim": 32}},
+        "first_stage_config": {"params": {"ddconfig": {"ch_mult": [1, 1, 1, 1]}}},
+        "cond_stage_config": {"params": {"version": str(TINY / "clip")}},
+        "scheduler_config": {"params": {"warm_up_steps": [2], "cycle_lengths": [10]}},
+    }},
+    "data": {"params": {"batch_size": 4, "train": {"params": {"size": 16}},
+                        "validation": {"params": {"size": 4}}}},
+    "lightning": {
+        "trainer": {"max_steps": 3, "val_check_interval": 2, "log_every_n_steps": 1, "precision": "32-true",
+                    "accelerator": "cpu", "devices": 1},
+        "callbacks": {"image_logger": {"params": {"batch_frequency": 2, "max_images": 2,
+                                                  "log_images_kwargs": {"N": 2, "ddim_steps": 2}}}},
+    },
+}
+TINY_AE = {
+    "model": {"params": {"ddconfig": {"ch_mult": [1, 1, 1, 1]}}},
+    "data": {"params": {"batch_size": 2, "train": {"params": {"size": 8}}, "validation": {"params": {"size": 2}}}},
+    "lightning": {"trainer": {"max_steps": 2, "val_check_interval": 2, "precision": "32-true",
+                              "accelerator": "cpu", "devices": 1},
+                  "callbacks": {"image_logger": {"params": {"batch_frequency": 2, "max_images": 2}}}},
+}
+
+
+def write_config(path: Path, content: dict) -> str:
+    OmegaConf.save(OmegaConf.create(content), path)
+    return str(path)
+
+
+def run_dir(logdir: Path) -> Path:
+    runs = sorted(p for p in logdir.iterdir() if p.is_dir())
+    assert len(runs) == 1, f"expected one run folder in {logdir}, found {runs}"
+    return runs[0]
+
+
+def merged_model_config(run: Path):
+    """The project config main.py saved, with use_ema on (the training checkpoints hold EMA weights)."""
+    projects = sorted((run / "configs").glob("*-project.yaml"))
+    assert projects, f"no project config saved in {run / 'configs'}"
+    return OmegaConf.load(projects[-1])
+
+
+# -------------------------------------------------------------------------------------------------- main.py
+@pytest.fixture(scope="module")
+def ldm_run(tmp_path_factory) -> Path:
+    """Three training steps of a tiny toy-shapes LDM with main.py (validation and image logging included)."""
+    tmp = tmp_path_factory.mktemp("ldm_run")
+    tiny = write_config(tmp / "tiny.yaml", TINY_LDM)
+    main_module.main(["--base", str(LDM_CONFIG), tiny, "-t", "--no-test", "--logdir", str(tmp / "logs"),
+                      "--seed", "3"])
+    return run_dir(tmp / "logs")
+
+
+def test_main_writes_the_original_layout(ldm_run):
+    ckpts = ldm_run / "checkpoints"
+    assert (ckpts / "last.ckpt").is_file()
+    assert list(ckpts.glob("epoch=*.ckpt")), "no epoch checkpoint (ModelCheckpoint on val/loss_simple_ema)"
+    names = sorted(p.name for p in (ldm_run / "configs").iterdir())
+    assert any(n.endswith("-project.yaml") for n in names) and any(n.endswith("-lightning.yaml") for n in names)
+    lightning = OmegaConf.load(next((ldm_run / "configs").glob("*-lightning.yaml")))
+    assert lightning.lightning.trainer.max_steps == 3
+    images = sorted(p.name for p in (ldm_run / "images" / "train").iterdir())
+    assert any(n.startswith("samples_gs-000002") for n in images), images
+    assert any(n.startswith("inputs_gs-000002") for n in images), images
+
+
+def test_checkpoint_loads_back_strictly(ldm_run):
+    config = merged_model_config(ldm_run)
+    sd, extras = read_checkpoint(ldm_run / "checkpoints" / "last.ckpt")
+    assert extras["global_step"] == 3
+    model = load_model_from_config(config, ldm_run / "checkpoints" / "last.ckpt")
+    assert set(sd) == set(model.state_dict())
+    assert any(k.startswith("model_ema.") for k in sd) and "model_ema.num_updates" in sd
+    assert all(k.startswith(("model.", "model_ema.", "first_stage_model.", "cond_stage_model.")) or "." not in k
+               for k in sd)
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, sd[key].to(value.dtype)), key
+    # scale_by_std measured the latents of the first batch
+    assert float(sd["scale_factor"]) != 1.0 and math.isfinite(float(sd["scale_factor"]))
+
+
+def test_ema_is_updated_after_each_step(ldm_run):
+    config = merged_model_config(ldm_run)
+    sd, _ = read_checkpoint(ldm_run / "checkpoints" / "last.ckpt")
+    assert int(sd["model_ema.num_updates"]) == 3
+    pl.seed_everything(3)
+    initial = instantiate_from_config(config.model).state_dict()
+    key = "model.diffusion_model.out.2.weight"
+    ema_key = "model_ema." + key[len("model."):].replace(".", "")
+    trained, ema, start = sd[key], sd[ema_key], initial[key]
+    assert not torch.equal(trained, start), "training did not change the UNet"
+    assert not torch.equal(ema, start), "EMA weights were never updated"
+    assert not torch.equal(ema, trained), "EMA weights equal the raw weights"
+    # the EMA moved from the initial weights towards the trained ones
+    assert (ema - trained).norm() < (start - trained).norm()
+
+
+def test_resume_continues_from_last_checkpoint(ldm_run, tmp_path):
+    main_module.main(["--resume", str(ldm_run), "-t", "--no-test", "lightning.trainer.max_steps=4"])
+    _, extras = read_checkpoint(ldm_run / "checkpoints" / "last.ckpt")
+    assert extras["global_step"] == 4
+    assert len(list((ldm_run / "configs").glob("*-project.yaml"))) >= 1
+
+
+class InterruptAt(pl.Callback):
+    """Raises KeyboardInterrupt (as Ctrl-C does) after ``step`` training steps."""
+
+    def __init__(self, step: int):
+        self.step = step
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if trainer.global_step >= self.step:
+            raise KeyboardInterrupt
+
+
+def test_ctrl_c_saves_last_checkpoint(tmp_path):
+    interrupt = {"lightning": {"trainer": {"max_steps": 50}, "callbacks": {
+        "interrupt": {"target": "tests.test_training.InterruptAt", "params": {"step": 2}},
+        "image_logger": {"params": {"disabled": True}}}}}
+    paths = [write_config(tmp_path / "tiny.yaml", TINY_LDM), write_config(tmp_path / "stop.yaml", interrupt)]
+    with pytest.raises(SystemExit):
+        main_module.main(["--base", str(LDM_CONFIG), *paths, "-t", "--no-test", "--logdir", str(tmp_path / "logs")])
+    _, extras = read_checkpoint(run_dir(tmp_path / "logs") / "checkpoints" / "last.ckpt")
+    assert extras["global_step"] == 2
+
+
+def test_scale_lr_multiplies_by_batch_and_accumulation(tmp_path, capsys):
+    tiny = write_config(tmp_path / "tiny.yaml", TINY_LDM)
+    trainer = main_module.main(["--base", str(LDM_CONFIG), tiny, "--no-test", "--logdir", str(tmp_path / "logs"),
+                                "lightning.trainer.accumulate_grad_batches=3"])
+    expected = 3 * 1 * 4 * OmegaConf.load(LDM_CONFIG).model.base_learning_rate
+    assert trainer.lightning_module is None  # not trained: -t was not given
+    out = capsys.readouterr().out
+    assert f"Setting learning rate to {expected:.2e} = 3 (accumulate_grad_batches) * 1 (num_gpus) * 4 (batchsize)" \
+        in out
+
+
+def test_unknown_argument_is_one_clear_error():
+    with pytest.raises(SystemExit, match="key=value"):
+        main_module.main(["--base", str(LDM_CONFIG), "--max_steps", "3"])
+
+
+@pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed is not available")
+def test_ddp_two_cpu_processes(tmp_path):
+    """lightning.trainer.strategy=ddp with 2 CPU processes (gloo): both ranks train, rank 0 writes one run."""
+    tiny = write_config(tmp_path / "tiny.yaml", TINY_LDM)
+    cmd = [sys.executable, str(ROOT / "main.py"), "--base", str(LDM_CONFIG), tiny, "-t", "--no-test",
+           "--logdir", str(tmp_path / "logs"), "lightning.trainer.strategy=ddp", "lightning.trainer.devices=2",
+           "lightning.trainer.accelerator=cpu", "lightning.trainer.max_steps=2",
+           "lightning.callbacks.image_logger.params.disabled=true"]
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
+    result = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    run = run_dir(tmp_path / "logs")
+    sd, extras = read_checkpoint(run / "checkpoints" / "last.ckpt")
+    assert extras["global_step"] == 2
+    assert "2 (num_gpus)" in result.stdout
+    load_model_from_config(merged_model_config(run), run / "checkpoints" / "last.ckpt")
+
+
+# -------------------------------------------------------------------------------------------------- LDM pieces
+def test_caption_dropout_for_classifier_free_guidance():
+    config = OmegaConf.merge(OmegaConf.load(LDM_CONFIG), TINY_LDM).model
+    model = instantiate_from_config(config)
+    batch = {"txt": list(CAPTIONS), "image": torch.zeros(24, 64, 64, 3)}
+    torch.manual_seed(0)
+    dropped = model.drop_conditioning(batch)
+    assert batch["txt"] == list(CAPTIONS), "the input batch must not be modified"
+    n_empty = sum(t == "" for t in dropped["txt"])
+    assert all(t in ("", c) for t, c in zip(dropped["txt"], CAPTIONS))
+    model.ucg_training = {"txt": {"p": 1.0, "val": ""}}
+    assert model.drop_conditioning(batch)["txt"] == [""] * 24
+    model.ucg_training = {"txt": {"p": 0.0}}
+    assert model.drop_conditioning(batch)["txt"] == list(CAPTIONS)
+    # p = 0.1 over many captions drops about 10 %
+    model.ucg_training = {"txt": {"p": 0.1}}
+    torch.manual_seed(1)
+    many = model.drop_conditioning({"txt": ["x"] * 5000})["txt"]
+    assert 0.08 < many.count("") / 5000 < 0.12
+    assert n_empty < 24
+
+
+class TinyTextEncoder(nn.Module):
+    """A trainable text encoder for tests: bytes of the prompt -> embeddings (B, 8, dim)."""
+
+    def __init__(self, dim: int = 32):
+        super().__init__()
+        self.embedding = nn.Embedding(256, dim)
+
+    def forward(self, text: list[str]) -> torch.Tensor:
+        ids = torch.tensor([list(t.encode()[:8].ljust(8, b"\0")) for t in text], device=self.embedding.weight.device)
+        return self.embedding(ids)
+
+    def encode(self, text: list[str]) -> torch.Tensor:
+        return self(text)
+
+
+def test_cond_stage_trainable_trains_the_text_encoder(tmp_path):
+    config = OmegaConf.merge(OmegaConf.load(LDM_CONFIG), TINY_LDM, {
+        "model": {"params": {"cond_stage_trainable": True, "use_ema": False, "scale_by_std": False,
+                             "monitor": "val/loss_simple"}},
+        "lightning": {"trainer": {"max_steps": 2}, "callbacks": {"image_logger": {"params": {"disabled": True}}}}})
+    config.model.params.cond_stage_config = {"target": "tests.test_training.TinyTextEncoder", "params": {"dim": 32}}
+    OmegaConf.save(config, tmp_path / "trainable.yaml")
+    main_module.main(["--base", str(tmp_path / "trainable.yaml"), "-t", "--no-test", "--logdir", str(tmp_path / "logs"),
+                      "--seed", "5"])
+    run = run_dir(tmp_path / "logs")
+    sd, _ = read_checkpoint(run / "checkpoints" / "last.ckpt")
+    pl.seed_everything(5)
+    initial = instantiate_from_config(merged_model_config(run).model).state_dict()
+    key = "cond_stage_model.embedding.weight"
+    assert not torch.equal(sd[key], initial[key]), "the trainable cond stage did not change"
+    assert not any(k.startswith("model_ema.") for k in sd)
+
+
+# -------------------------------------------------------------------------------------------------- autoencoder
+def test_autoencoder_trains_with_main_and_reloads(tmp_path):
+    tiny = write_config(tmp_path / "tiny.yaml", TINY_AE)
+    main_module.main(["--base", str(AE_CONFIG), tiny, "-t", "--no-test", "--logdir", str(tmp_path / "logs")])
+    run = run_dir(tmp_path / "logs")
+    sd, extras = read_checkpoint(run / "checkpoints" / "last.ckpt")
+    assert extras["global_step"] == 2
+    assert "loss.logvar" in sd and "encoder.conv_in.weight" in sd
+    model = load_model_from_config(merged_model_config(run), run / "checkpoints" / "last.ckpt")
+    assert set(model.state_dict()) == set(sd)
+    assert (run / "images" / "train").is_dir()
+    # the LDM loads it as its first stage (the loss weights are skipped)
+    from ldm.models.autoencoder import AutoencoderKL
+
+    ae_config = OmegaConf.load(LDM_CONFIG).model.params.first_stage_config
+    ae_config.params.ddconfig.ch_mult = [1, 1, 1, 1]
+    ae_config.params.ckpt_path = str(run / "checkpoints" / "last.ckpt")
+    first_stage = instantiate_from_config(ae_config)
+    assert isinstance(first_stage, AutoencoderKL)
+    assert torch.equal(first_stage.encoder.conv_in.weight, sd["encoder.conv_in.weight"])
+
+
+def _tiny_autoencoder(lossconfig: dict):
+    config = OmegaConf.load(AE_CONFIG).model
+    config.params.ddconfig.ch_mult = [1, 1, 1, 1]
+    config.params.lossconfig = lossconfig
+    model = instantiate_from_config(config)
+    model.learning_rate = 1e-3
+    return model
+
+
+def test_lpips_without_local_weights_is_one_clear_error(tmp_path, monkeypatch):
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "hub"))
+    with pytest.raises(FileNotFoundError, match="nothing is downloaded.*perceptual_weight: 0"):
+        _tiny_autoencoder({"target": "ldm.modules.losses.LPIPSWithDiscriminator",
+                           "params": {"disc_start": 0, "lpips_weights_dir": str(tmp_path / "nope")}})
+
+
+def test_autoencoder_with_discriminator_uses_manual_optimization(tmp_path):
+    model = _tiny_autoencoder({"target": "ldm.modules.losses.LPIPSWithDiscriminator",
+                               "params": {"disc_start": 0, "perceptual_weight": 0.0, "kl_weight": 1e-6,
+                                          "disc_num_layers": 2}})
+    assert not model.automatic_optimization
+    disc_before = [p.detach().clone() for p in model.loss.discriminator.parameters()]
+    enc_before = model.encoder.conv_in.weight.detach().clone()
+    data = torch.utils.data.DataLoader(ToyShapes(4), batch_size=2)
+    trainer = pl.Trainer(max_steps=4, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
+                         enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path)
+    trainer.fit(model, train_dataloaders=data)
+    assert trainer.global_step == 4  # Lightning 2 counts both optimizers' steps: 2 batches
+    assert not torch.equal(model.encoder.conv_in.weight, enc_before)
+    assert any(not torch.equal(p, q) for p, q in zip(model.loss.discriminator.parameters(), disc_before))
+
+
+def test_reconstruction_kl_loss_terms():
+    from ldm.modules.distributions.distributions import DiagonalGaussianDistribution
+    from ldm.modules.losses import ReconstructionKLLoss
+
+    loss_fn = ReconstructionKLLoss(kl_weight=0.5, l2_weight=2.0)
+    x = torch.zeros(2, 3, 4, 4)
+    xrec = torch.full_like(x, 0.5)
+    posterior = DiagonalGaussianDistribution(torch.zeros(2, 8, 2, 2))  # mean 0, logvar 0: KL = 0
+    loss, log = loss_fn(x, xrec, posterior, split="val")
+    per_image = 3 * 4 * 4 * (0.5 + 2.0 * 0.25)
+    assert loss.item() == pytest.approx(per_image)
+    assert log["val/kl_loss"].item() == pytest.approx(0.0)
+    posterior = DiagonalGaussianDistribution(torch.cat([torch.ones(2, 4, 2, 2), torch.zeros(2, 4, 2, 2)], 1))
+    loss, log = loss_fn(x, xrec, posterior)
+    assert log["train/kl_loss"].item() == pytest.approx(0.5 * 16)  # 0.5 * mean^2 summed over 16 latents
+    assert loss.item() == pytest.approx(per_image + 0.5 * 8)
+
+
+# -------------------------------------------------------------------------------------------------- schedulers
+def test_lambda_linear_scheduler_values():
+    s = LambdaLinearScheduler(warm_up_steps=[10], f_min=[0.1], f_max=[1.0], f_start=[0.01], cycle_lengths=[110])
+    assert s(0) == pytest.approx(0.01)
+    assert s(5) == pytest.approx(0.01 + 0.99 * 5 / 10)
+    assert s(10) == pytest.approx(0.1 + 0.9 * 100 / 110)
+    assert s(110) == pytest.approx(0.1)
+    assert isinstance(s(3), float)
+    # SD v1: 10k warm-up then constant
+    sd = LambdaLinearScheduler(warm_up_steps=[10000], f_min=[1.0], f_max=[1.0], f_start=[1e-6],
+                               cycle_lengths=[10000000000000])
+    assert sd(5000) == pytest.approx(1e-6 + (1 - 1e-6) * 0.5)
+    assert sd(20000) == pytest.approx(1.0)
+
+
+def test_cosine_schedulers_values():
+    s = LambdaWarmUpCosineScheduler(warm_up_steps=10, lr_min=0.1, lr_max=1.0, lr_start=0.0, max_decay_steps=110)
+    assert s(5) == pytest.approx(0.5)
+    assert s(10) == pytest.approx(1.0)
+    assert s(60) == pytest.approx(0.1 + 0.45 * (1 + math.cos(math.pi * 0.5)))
+    assert s(500) == pytest.approx(0.1)
+    s2 = LambdaWarmUpCosineScheduler2(warm_up_steps=[0, 10], f_min=[0.0, 0.5], f_max=[1.0, 1.0],
+                                      f_start=[1.0, 0.0], cycle_lengths=[100, 50])
+    assert s2(50) == pytest.approx(0.5)  # half-way down the first cosine
+    assert s2(105) == pytest.approx(0.5)  # half-way up the second cycle's warm-up (5 of 10 steps)
+    assert s2(150) == pytest.approx(0.5)
+
+
+def test_scheduler_drives_the_optimizer_learning_rate(ldm_run):
+    metrics = (ldm_run / "csvlogs" / "version_0" / "metrics.csv").read_text().splitlines()
+    header = metrics[0].split(",")
+    col = header.index("lr-AdamW")
+    lrs = [float(row.split(",")[col]) for row in metrics[1:] if row.split(",")[col]]
+    base = OmegaConf.load(LDM_CONFIG).model.base_learning_rate * 4
+    # warm-up over 2 steps from f_start, then linear decay over the 10-step cycle
+    f_start = OmegaConf.load(LDM_CONFIG).model.params.scheduler_config.params.f_start[0]
+    assert lrs[0] == pytest.approx(base * f_start)
+    assert lrs[1] == pytest.approx(base * (f_start + (1 - f_start) / 2))
+
+
+# -------------------------------------------------------------------------------------------------- data
+PALETTE = {(220, 20, 20): "red", (20, 180, 20): "green", (20, 20, 220): "blue", (230, 210, 20): "yellow"}
+BACKGROUND = {(245, 245, 245): "white", (15, 15, 15): "black"}
+
+
+def to_uint8(image: np.ndarray) -> np.ndarray:
+    return np.round((image + 1.0) * 127.5).astype(np.uint8)
+
+
+@pytest.mark.parametrize("index", range(0, 480, 7))
+def test_toy_shapes_follow_the_spec(index):
+    item = ToyShapesTrain()[index]
+    image = item["image"]
+    assert image.shape == (64, 64, 3) and image.dtype == np.float32
+    assert image.min() >= -1.0 and image.max() <= 1.0
+    pixels = to_uint8(image)
+    colours = {tuple(int(v) for v in c) for c in pixels.reshape(-1, 3)}
+    assert len(colours) == 2, "one solid shape on a plain background, no outline or anti-aliasing"
+    corners = [tuple(int(v) for v in pixels[y, x]) for y, x in ((0, 0), (0, 63), (63, 0), (63, 63))]
+    background = max(set(corners), key=corners.count)
+    assert background in BACKGROUND
+    (fill,) = colours - {background}
+    assert fill in PALETTE
+    mask = (pixels != np.array(background)).any(axis=-1)
+    rows, cols = np.nonzero(mask.any(axis=1))[0], np.nonzero(mask.any(axis=0))[0]
+    width = cols[-1] - cols[0] + 1
+    height = rows[-1] - rows[0] + 1
+    assert 24 <= width <= 44, f"width {width}"
+    assert rows[0] >= 0 and rows[-1] <= 63 and cols[0] >= 0 and cols[-1] <= 63
+    widths = mask[rows[0]:rows[-1] + 1].sum(axis=1)
+    fill_ratio = mask.sum() / (width * height)
+    shape = item["txt"].split()[2]
+    if shape == "square":
+        assert height == width and fill_ratio == 1.0
+    elif shape == "circle":
+        assert abs(height - width) <= 1 and abs(fill_ratio - math.pi / 4) < 0.05
+        assert widths[len(widths) // 2] == width
+    else:  # upright isosceles triangle: apex at the top centre, base at the bottom
+        assert widths[-1] == widths.max() and widths[-1] >= width - 1
+        assert widths[0] <= 3 and np.all(np.diff(widths) >= 0)
+        top = np.nonzero(mask[rows[0]])[0]
+        assert abs((top[0] + top[-1]) / 2 - (cols[0] + cols[-1]) / 2) <= 0.5
+        assert abs(fill_ratio - 0.5) < 0.08
+    expected = f"a {PALETTE[fill]} {shape} on a {BACKGROUND[background]} background"
+    assert item["txt"] == item["caption"] == expected
+
+
+def test_toy_shapes_are_deterministic_and_balanced():
+    a, b = ToyShapes(48, seed=0), ToyShapes(48, seed=0)
+    for i in (0, 5, 47):
+        assert np.array_equal(a[i]["image"], b[i]["image"]) and a[i]["txt"] == b[i]["txt"]
+    assert not np.array_equal(ToyShapesTrain()[0]["image"], ToyShapesValidation()[0]["image"])
+    assert [a[i]["txt"] for i in range(24)] == list(CAPTIONS)
+    assert len(set(CAPTIONS)) == 24
+    widths = {spec_for_index(i).width for i in range(2000)}
+    assert min(widths) == 24 and max(widths) == 44
+    with pytest.raises(IndexError):
+        a[48]
