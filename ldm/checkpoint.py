@@ -3,16 +3,23 @@
 * ``.ckpt``/``.pt``/``.pth`` files are unpickled with ``weights_only=True``: nothing in the file is executed.
   The bookkeeping that original Lightning checkpoints carry beside the weights (the ``ModelCheckpoint``
   callback class used as a dict key, numpy scalars) is read into inert placeholders.
-* ``.safetensors`` files are read tensor by tensor.
+* ``.safetensors`` files are memory-mapped like ``.ckpt`` files: a tensor is only read when it is used.
 * Loading is strict: every key of the model must be present with its shape, and every key of the file must
   be used. The few keys real SD checkpoints carry that this code does not define are listed once, below.
 * :func:`load_model_from_config` builds the model with its parameters on the ``meta`` device and assigns the
-  (memory-mapped) checkpoint tensors to it, so the weights are never held twice.
+  (memory-mapped) checkpoint tensors to it, so the weights are never held twice. A tensor that must change
+  (cast to ``dtype``, or a convolution kernel re-laid out channels_last) is converted on its own, and the
+  file pages it came from are released right away (``madvise``), so converting never holds both copies.
 """
 from __future__ import annotations
 
+import ctypes
+import json
+import mmap
+import os
 import pickle
 import re
+import sys
 import warnings
 import zipfile
 from contextlib import contextmanager
@@ -22,6 +29,7 @@ from typing import Any, Iterator, Mapping
 import torch
 from torch import nn
 
+from ldm.precision import preferred_memory_format
 from ldm.util import instantiate_from_config
 
 # Keys found in real SD v1 checkpoints that the model does not define (transformers < 5 saved CLIP's
@@ -127,15 +135,59 @@ def read_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str
     return dict(state_dict), extras
 
 
-def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
-    from safetensors import SafetensorError, safe_open
+_SAFETENSORS_DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+    "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
+}
+_MAX_SAFETENSORS_HEADER = 100 * 2**20
 
+
+def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
+    """The tensors of a safetensors file as views of one private memory map of it (no data is read yet)."""
+    def bad(why: str) -> CheckpointError:
+        return CheckpointError(f"cannot read {path}: not a valid safetensors file ({why})")
+
+    size = path.stat().st_size
     try:
-        with safe_open(str(path), framework="pt", device="cpu") as f:
-            return {key: f.get_tensor(key) for key in f.keys()}
-    except (SafetensorError, OSError, ValueError, RuntimeError) as err:
-        raise CheckpointError(f"cannot read {path}: not a valid safetensors file "
-                              f"({_first_line(err)[:200]})") from None
+        with open(path, "rb") as f:
+            prefix = f.read(8)
+            if len(prefix) < 8:
+                raise bad("shorter than its 8-byte header length")
+            n = int.from_bytes(prefix, "little")
+            if n < 2 or n > min(size - 8, _MAX_SAFETENSORS_HEADER):
+                raise bad(f"header length {n} does not fit a {size}-byte file")
+            header = json.loads(f.read(n))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise bad(_first_line(err)[:200]) from None
+    if not isinstance(header, dict):
+        raise bad("the header is not a JSON object")
+    header.pop("__metadata__", None)
+    start, data_size = 8 + n, size - 8 - n
+    storage = torch.UntypedStorage.from_file(str(path), shared=False, nbytes=size) if data_size else None
+    out = {}
+    for key, info in header.items():
+        try:
+            dtype = _SAFETENSORS_DTYPES[info["dtype"]]
+            shape = [int(d) for d in info["shape"]]
+            begin, end = (int(o) for o in info["data_offsets"])
+        except (KeyError, TypeError, ValueError):
+            raise bad(f"entry '{key}' has no valid dtype, shape and data_offsets") from None
+        numel = 1
+        for d in shape:
+            numel *= d
+        itemsize = torch.empty(0, dtype=dtype).element_size()
+        if min(shape, default=0) < 0 or not 0 <= begin <= end <= data_size or end - begin != numel * itemsize:
+            raise bad(f"entry '{key}' lies outside the data or does not match its shape")
+        offset = start + begin
+        if numel == 0:
+            out[key] = torch.empty(shape, dtype=dtype)
+        elif offset % itemsize == 0:
+            out[key] = torch.empty(0, dtype=dtype).set_(storage, offset // itemsize, shape)
+        else:  # unaligned: copy the bytes out
+            raw = torch.empty(0, dtype=torch.uint8).set_(storage, offset, [end - begin])
+            out[key] = raw.clone().view(dtype).reshape(shape)
+    return out
 
 
 def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
@@ -207,9 +259,64 @@ def match_state_dict(expected: Mapping[str, torch.Tensor], state_dict: Mapping[s
     return sd, notes
 
 
-def _cast_like(sd: dict[str, torch.Tensor], expected: Mapping[str, torch.Tensor],
-               dtype: torch.dtype | None) -> dict[str, torch.Tensor]:
-    """Cast each floating tensor to the model's dtype (or ``dtype`` for module weights), one tensor at a time."""
+def _file_mappings(paths: tuple[str, ...]) -> list[tuple[int, int]]:
+    """Address ranges of this process's private mappings of ``paths`` (Linux; empty elsewhere)."""
+    if not paths or not sys.platform.startswith("linux"):
+        return []
+    ranges = []
+    try:
+        with open("/proc/self/maps") as maps:
+            for line in maps:
+                fields = line.split(maxsplit=5)
+                if len(fields) == 6 and fields[1].endswith("p") and fields[5].strip() in paths:
+                    lo, hi = fields[0].split("-")
+                    ranges.append((int(lo, 16), int(hi, 16)))
+    except OSError:
+        return []
+    return ranges
+
+
+class _PageReleaser:
+    """Drops the pages of converted tensors from the process when they lie in a private map of the checkpoint.
+
+    Those pages are clean file pages: if anything touched them again they would be read back from the file,
+    so releasing them can never change a value. Other memory (a caller's state dict) is left alone.
+    """
+
+    def __init__(self, path: str | Path | None):
+        paths = () if path is None else tuple({str(Path(path)), os.path.realpath(path)})
+        self.ranges = _file_mappings(paths)
+        self.madvise = None
+        if self.ranges:
+            try:
+                libc = ctypes.CDLL(None, use_errno=True)
+                self.madvise = libc.madvise
+                self.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+            except (OSError, AttributeError):
+                self.ranges = []
+
+    def release(self, t: torch.Tensor) -> None:
+        if not self.ranges or t.device.type != "cpu" or not t.is_contiguous():
+            return
+        lo = t.data_ptr()
+        hi = lo + t.numel() * t.element_size()
+        if not any(a <= lo and hi <= b for a, b in self.ranges):
+            return
+        page = mmap.PAGESIZE
+        first, last = -(-lo // page) * page, hi // page * page
+        if last > first:
+            self.madvise(first, last - first, mmap.MADV_DONTNEED)
+
+
+def _is_kernel(t: torch.Tensor) -> bool:
+    return t.dim() == 4 and t.shape[2] * t.shape[3] > 1
+
+
+def _cast_like(sd: dict[str, torch.Tensor], expected: Mapping[str, torch.Tensor], dtype: torch.dtype | None,
+               memory_format: torch.memory_format = torch.preserve_format,
+               release: _PageReleaser | None = None) -> dict[str, torch.Tensor]:
+    """Give each tensor the model's dtype (or ``dtype`` for floating module weights) and, for convolution
+    kernels, ``memory_format``; one tensor at a time, releasing the file pages of each converted source."""
     for key in list(sd):
         value, target = sd[key], expected[key]
         if not value.is_floating_point() or not target.is_floating_point():
@@ -218,22 +325,40 @@ def _cast_like(sd: dict[str, torch.Tensor], expected: Mapping[str, torch.Tensor]
             want = dtype
         else:
             want = target.dtype
-        if value.dtype != want:
-            sd[key] = value.to(want)
+        fmt = memory_format if _is_kernel(value) and memory_format != torch.preserve_format else None
+        if value.dtype == want and (fmt is None or value.is_contiguous(memory_format=fmt)):
+            continue
+        sd[key] = value.to(want, memory_format=fmt or torch.preserve_format, copy=True)
+        if release is not None:
+            release.release(value)
     return sd
 
 
 def load_weights_into(module: nn.Module, source: str | Path | Mapping[str, torch.Tensor], *,
                       ignore_prefixes: tuple[str, ...] = (), optional_prefixes: tuple[str, ...] = (),
                       dtype: torch.dtype | None = None, assign: bool = False, verbose: bool = True,
-                      name: str | None = None) -> list[str]:
-    """Strictly load a checkpoint file (or a state dict) into ``module``; returns the notes printed."""
+                      name: str | None = None,
+                      memory_format: torch.memory_format = torch.preserve_format) -> list[str]:
+    """Strictly load a checkpoint file (or a state dict) into ``module``; returns the notes printed.
+
+    ``memory_format`` (e.g. ``torch.channels_last``) is given to the convolution kernels while loading.
+    """
     name = name or (str(source) if isinstance(source, (str, Path)) else "state dict")
-    state_dict = read_state_dict(source) if isinstance(source, (str, Path)) else dict(source)
+    if isinstance(source, (str, Path)):
+        state_dict, release = read_state_dict(source), _PageReleaser(source)
+    else:
+        state_dict, release = dict(source), None
+    return _load(module, state_dict, name, ignore_prefixes, optional_prefixes, dtype, memory_format, assign,
+                 verbose, release)
+
+
+def _load(module: nn.Module, state_dict: dict[str, torch.Tensor], name: str, ignore_prefixes: tuple[str, ...],
+          optional_prefixes: tuple[str, ...], dtype: torch.dtype | None, memory_format: torch.memory_format,
+          assign: bool, verbose: bool, release: _PageReleaser | None) -> list[str]:
     expected = module.state_dict(keep_vars=True)
     sd, notes = match_state_dict(expected, state_dict, name, ignore_prefixes, optional_prefixes)
-    del state_dict
-    sd = _cast_like(sd, expected, dtype)
+    state_dict.clear()
+    sd = _cast_like(sd, expected, dtype, memory_format, release)
     module.load_state_dict(sd, strict=True, assign=assign)
     if verbose:
         for note in notes:
@@ -263,24 +388,29 @@ def parameters_on_meta() -> Iterator[None]:
 
 
 def load_model_from_config(config: Any, ckpt: str | Path | None, *, device: str | torch.device = "cpu",
-                           dtype: torch.dtype | None = None, verbose: bool = False) -> nn.Module:
+                           dtype: torch.dtype | None = None, verbose: bool = False,
+                           memory_format: torch.memory_format | None = None) -> nn.Module:
     """Build ``config.model`` and load ``ckpt`` into it; returns the model in eval mode on ``device``.
 
     ``config`` is the whole OmegaConf config (with a ``model`` entry) or the model entry itself.
     ``dtype`` (e.g. ``torch.bfloat16``) casts the module weights while loading; schedule buffers stay float32.
-    Without ``ckpt`` the model keeps its random initialisation.
+    ``memory_format`` of the convolution kernels defaults to the faster one for ``device`` and ``dtype``
+    (:func:`ldm.precision.preferred_memory_format`); the UNet and the autoencoder compute in their kernels'
+    format. Without ``ckpt`` the model keeps its random initialisation.
     """
     model_config = config.model if "model" in config else config
+    if memory_format is None:
+        memory_format = preferred_memory_format(device, dtype)
     if ckpt is None:
         model = instantiate_from_config(model_config)
         if dtype is not None:
             model.to(dtype)
-        return model.eval().to(device)
+        return model.eval().to(device, memory_format=memory_format)
     state_dict, extras = read_checkpoint(ckpt)
     if verbose and "global_step" in extras:
         print(f"Global Step: {extras['global_step']}")
     with parameters_on_meta():
         model = instantiate_from_config(model_config)
-    load_weights_into(model, state_dict, dtype=dtype, assign=True, verbose=True, name=str(ckpt))
+    _load(model, state_dict, str(ckpt), (), (), dtype, memory_format, True, True, _PageReleaser(ckpt))
     del state_dict
     return model.eval().to(device)

@@ -3,6 +3,8 @@
 Module and attribute names follow the original so checkpoint keys match
 (``attn1.to_q.weight``, ``ff.net.0.proj.weight``, ``transformer_blocks.0.norm1.weight``, ...).
 Attention runs through ``scaled_dot_product_attention``: no (tokens x tokens) matrix is materialised.
+Feature maps may be channels_last (see :mod:`ldm.precision`): then the token view of a map is free, and the
+result keeps the input's memory format so the convolutions never convert their weights per call.
 """
 from __future__ import annotations
 
@@ -11,6 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ldm.modules.diffusionmodules.util import checkpoint, zero_module
+from ldm.precision import linear_add, linear_geglu, memory_format_of, pointwise_conv
 from ldm.util import default
 
 
@@ -22,8 +25,7 @@ class GEGLU(nn.Module):
         self.proj = nn.Linear(dim_in, dim_out * 2)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x, gate = self.proj(x).chunk(2, dim=-1)
-        return x * F.gelu(gate)
+        return linear_geglu(self.proj, x)
 
 
 class FeedForward(nn.Module):
@@ -35,8 +37,13 @@ class FeedForward(nn.Module):
         project_in = GEGLU(dim, inner_dim) if glu else nn.Sequential(nn.Linear(dim, inner_dim), nn.GELU())
         self.net = nn.Sequential(project_in, nn.Dropout(dropout), nn.Linear(inner_dim, dim_out))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.net(x)
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
+        """``net(x)``, plus ``residual`` when given (added in the last matmul where possible)."""
+        if residual is None:
+            return self.net(x)
+        if self.training and self.net[1].p > 0:
+            return self.net(x) + residual
+        return linear_add(self.net[2], self.net[0](x), residual)
 
 
 def Normalize(in_channels: int) -> nn.GroupNorm:
@@ -67,13 +74,18 @@ class CrossAttention(nn.Module):
         self.to_v = nn.Linear(context_dim, inner_dim, bias=False)
         self.to_out = nn.Sequential(nn.Linear(inner_dim, query_dim), nn.Dropout(dropout))
 
-    def forward(self, x: torch.Tensor, context: torch.Tensor | None = None,
-                mask: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, context: torch.Tensor | None = None, mask: torch.Tensor | None = None,
+                residual: torch.Tensor | None = None) -> torch.Tensor:
+        """Attention output, plus ``residual`` when given (added in the output projection where possible)."""
         if mask is not None:
             raise NotImplementedError("attention masks are not used by Stable Diffusion v1")
         context = default(context, x)
         out = attention(self.to_q(x), self.to_k(context), self.to_v(context), self.heads)
-        return self.to_out(out)
+        if residual is None:
+            return self.to_out(out)
+        if self.training and self.to_out[1].p > 0:
+            return self.to_out(out) + residual
+        return linear_add(self.to_out[0], out, residual)
 
 
 class BasicTransformerBlock(nn.Module):
@@ -95,9 +107,10 @@ class BasicTransformerBlock(nn.Module):
         return checkpoint(self._forward, (x, context), self.parameters(), self.checkpoint)
 
     def _forward(self, x: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
-        x = self.attn1(self.norm1(x)) + x
-        x = self.attn2(self.norm2(x), context=context) + x
-        return self.ff(self.norm3(x)) + x
+        # each residual is added to a fresh Linear output (in place, or in the matmul's epilogue)
+        x = self.attn1(self.norm1(x), residual=x)
+        x = self.attn2(self.norm2(x), context=context, residual=x)
+        return self.ff(self.norm3(x), residual=x)
 
 
 class SpatialTransformer(nn.Module):
@@ -119,9 +132,9 @@ class SpatialTransformer(nn.Module):
     def forward(self, x: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
         b, c, h, w = x.shape
         x_in = x
-        x = self.proj_in(self.norm(x))
-        x = x.flatten(2).transpose(1, 2)  # (B, H*W, inner)
+        x = pointwise_conv(self.proj_in, self.norm(x))
+        x = x.permute(0, 2, 3, 1).reshape(b, h * w, -1)  # (B, H*W, inner): a view when x is channels_last
         for block in self.transformer_blocks:
             x = block(x, context=context)
-        x = x.transpose(1, 2).reshape(b, -1, h, w)
-        return self.proj_out(x) + x_in
+        x = x.reshape(b, h, w, -1).permute(0, 3, 1, 2).contiguous(memory_format=memory_format_of(x_in))
+        return pointwise_conv(self.proj_out, x).add_(x_in)

@@ -1,6 +1,7 @@
 """Encoder and Decoder of the KL autoencoder (the first stage): images <-> latents at 1/2**(len(ch_mult)-1) size.
 
 Names (``down.0.block.1.conv1``, ``mid.attn_1.q``, ``up.3.upsample.conv``, ...) are the original's.
+Both compute in their weights' memory format (channels_last when loaded by :mod:`ldm.checkpoint`) and dtype.
 """
 from __future__ import annotations
 
@@ -10,13 +11,26 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ldm.precision import memory_format_of, module_memory_format, pointwise_conv
+
 
 def nonlinearity(x: torch.Tensor) -> torch.Tensor:
     return F.silu(x)
 
 
+def _silu_fresh(x: torch.Tensor) -> torch.Tensor:
+    """SiLU of a freshly computed ``x`` (a normalisation's output): in place when no gradient is recorded."""
+    return F.silu(x, inplace=not torch.is_grad_enabled())
+
+
 def Normalize(in_channels: int, num_groups: int = 32) -> nn.GroupNorm:
     return nn.GroupNorm(num_groups=num_groups, num_channels=in_channels, eps=1e-6, affine=True)
+
+
+def _like_weights(x: torch.Tensor, conv: nn.Conv2d) -> torch.Tensor:
+    """``x`` in the dtype (unless autocast decides) and memory format of ``conv``'s weight."""
+    dtype = x.dtype if torch.is_autocast_enabled(x.device.type) else conv.weight.dtype
+    return x.to(dtype=dtype, memory_format=module_memory_format(conv))
 
 
 class Upsample(nn.Module):
@@ -68,13 +82,13 @@ class ResnetBlock(nn.Module):
                 self.nin_shortcut = nn.Conv2d(in_channels, out_channels, kernel_size=1, stride=1, padding=0)
 
     def forward(self, x: torch.Tensor, temb: torch.Tensor | None) -> torch.Tensor:
-        h = self.conv1(nonlinearity(self.norm1(x)))
+        h = self.conv1(_silu_fresh(self.norm1(x)))
         if temb is not None:
-            h = h + self.temb_proj(nonlinearity(temb))[:, :, None, None]
-        h = self.conv2(self.dropout(nonlinearity(self.norm2(h))))
+            h = h.add_(self.temb_proj(nonlinearity(temb))[:, :, None, None])
+        h = self.conv2(self.dropout(_silu_fresh(self.norm2(h))))
         if self.in_channels != self.out_channels:
-            x = self.conv_shortcut(x) if self.use_conv_shortcut else self.nin_shortcut(x)
-        return x + h
+            x = self.conv_shortcut(x) if self.use_conv_shortcut else pointwise_conv(self.nin_shortcut, x)
+        return h.add_(x)  # h: fresh conv output
 
 
 class AttnBlock(nn.Module):
@@ -91,11 +105,13 @@ class AttnBlock(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, c, h, w = x.shape
-        h_ = self.norm(x)
-        q, k, v = (proj(h_).reshape(b, 1, c, h * w).transpose(2, 3) for proj in (self.q, self.k, self.v))
-        h_ = F.scaled_dot_product_attention(q, k, v)  # (B, 1, HW, C)
-        h_ = h_.transpose(2, 3).reshape(b, c, h, w)
-        return x + self.proj_out(h_)
+        # channels_last = token-major (B, HW, C): q, k, v are then views whose channel stride is 1, which the
+        # fused SDPA kernels need (with any other stride PyTorch falls back to a materialised (HW x HW) softmax)
+        h_ = self.norm(x).contiguous(memory_format=torch.channels_last)
+        q, k, v = (pointwise_conv(proj, h_).permute(0, 2, 3, 1).reshape(b, 1, h * w, c)
+                   for proj in (self.q, self.k, self.v))
+        h_ = F.scaled_dot_product_attention(q, k, v).reshape(b, h, w, c).permute(0, 3, 1, 2)
+        return pointwise_conv(self.proj_out, h_).contiguous(memory_format=memory_format_of(x)).add_(x)
 
 
 def make_attn(in_channels: int, attn_type: str = "vanilla") -> nn.Module:
@@ -160,7 +176,7 @@ class Encoder(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         temb = None
-        h = self.conv_in(x)
+        h = self.conv_in(_like_weights(x, self.conv_in))
         for i_level in range(self.num_resolutions):
             level = self.down[i_level]
             for i_block in range(self.num_res_blocks):
@@ -170,7 +186,7 @@ class Encoder(nn.Module):
             if i_level != self.num_resolutions - 1:
                 h = level.downsample(h)
         h = self.mid.block_2(self.mid.attn_1(self.mid.block_1(h, temb)), temb)
-        return self.conv_out(nonlinearity(self.norm_out(h)))
+        return self.conv_out(_silu_fresh(self.norm_out(h))).to(x.dtype, memory_format=memory_format_of(x))
 
 
 class Decoder(nn.Module):
@@ -230,7 +246,7 @@ class Decoder(nn.Module):
     def forward(self, z: torch.Tensor) -> torch.Tensor:
         self.last_z_shape = z.shape
         temb = None
-        h = self.conv_in(z)
+        h = self.conv_in(_like_weights(z, self.conv_in))
         h = self.mid.block_2(self.mid.attn_1(self.mid.block_1(h, temb)), temb)
         for i_level in reversed(range(self.num_resolutions)):
             level = self.up[i_level]
@@ -242,5 +258,6 @@ class Decoder(nn.Module):
                 h = level.upsample(h)
         if self.give_pre_end:
             return h
-        h = self.conv_out(nonlinearity(self.norm_out(h)))
-        return torch.tanh(h) if self.tanh_out else h
+        h = self.conv_out(_silu_fresh(self.norm_out(h)))
+        h = torch.tanh(h) if self.tanh_out else h
+        return h.to(z.dtype, memory_format=memory_format_of(z))

@@ -23,6 +23,18 @@ from ldm.modules.diffusionmodules.util import (
     timestep_embedding,
     zero_module,
 )
+from ldm.precision import memory_format_of, module_memory_format, pointwise_conv
+
+
+def run_layers(layers: nn.Sequential, x: torch.Tensor) -> torch.Tensor:
+    """``layers(x)``, with the SiLU after a normalisation applied in place when no gradient is recorded."""
+    inplace = not torch.is_grad_enabled()
+    for i, layer in enumerate(layers):
+        if inplace and i > 0 and type(layer) is nn.SiLU:
+            x = F.silu(x, inplace=True)  # x is the fresh output of the layer before
+        else:
+            x = layer(x)
+    return x
 
 
 class TimestepBlock(nn.Module):
@@ -144,21 +156,22 @@ class ResBlock(TimestepBlock):
 
     def _forward(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
         if self.updown:
-            h = self.in_layers[:-1](x)
+            h = run_layers(self.in_layers[:-1], x)
             h = self.h_upd(h)
             x = self.x_upd(x)
             h = self.in_layers[-1](h)
         else:
-            h = self.in_layers(x)
+            h = run_layers(self.in_layers, x)
         emb_out = self.emb_layers(emb).type(h.dtype)
         emb_out = emb_out.reshape(*emb_out.shape, *((1,) * (h.dim() - emb_out.dim())))
         if self.use_scale_shift_norm:
             scale, shift = emb_out.chunk(2, dim=1)
             h = self.out_layers[0](h) * (1 + scale) + shift
-            h = self.out_layers[1:](h)
+            h = run_layers(self.out_layers[1:], h)
         else:
-            h = self.out_layers(h + emb_out)
-        return self.skip_connection(x) + h
+            h = run_layers(self.out_layers, h.add_(emb_out))  # h: fresh conv output
+        skip = self.skip_connection
+        return h.add_(pointwise_conv(skip, x) if isinstance(skip, nn.Conv2d) else skip(x))  # h: fresh conv output
 
 
 class QKVAttentionLegacy(nn.Module):
@@ -171,9 +184,9 @@ class QKVAttentionLegacy(nn.Module):
     def forward(self, qkv: torch.Tensor) -> torch.Tensor:
         bs, width, length = qkv.shape
         ch = width // (3 * self.n_heads)
-        q, k, v = qkv.reshape(bs * self.n_heads, ch * 3, length).split(ch, dim=1)
-        out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
-        return out.transpose(1, 2).reshape(bs, -1, length)
+        # (B, H, T, 3C) with channel stride 1: the fused SDPA kernel, no (T x T) matrix
+        q, k, v = qkv.reshape(bs, self.n_heads, ch * 3, length).transpose(2, 3).contiguous().split(ch, dim=3)
+        return F.scaled_dot_product_attention(q, k, v).transpose(2, 3).reshape(bs, -1, length)
 
 
 class QKVAttention(nn.Module):
@@ -186,9 +199,9 @@ class QKVAttention(nn.Module):
     def forward(self, qkv: torch.Tensor) -> torch.Tensor:
         bs, width, length = qkv.shape
         ch = width // (3 * self.n_heads)
-        q, k, v = (t.reshape(bs * self.n_heads, ch, length).transpose(1, 2) for t in qkv.chunk(3, dim=1))
-        out = F.scaled_dot_product_attention(q, k, v)
-        return out.transpose(1, 2).reshape(bs, -1, length)
+        # (B, H, T, C) with channel stride 1: the fused SDPA kernel, no (T x T) matrix
+        q, k, v = qkv.reshape(bs, 3, self.n_heads, ch, length).transpose(3, 4).contiguous().unbind(1)
+        return F.scaled_dot_product_attention(q, k, v).transpose(2, 3).reshape(bs, -1, length)
 
 
 class AttentionBlock(nn.Module):
@@ -375,14 +388,19 @@ class UNetModel(nn.Module):
                 context: torch.Tensor | None = None, y: torch.Tensor | None = None, **kwargs) -> torch.Tensor:
         assert (y is not None) == (self.num_classes is not None), \
             "must specify y if and only if the model is class-conditional"
+        dtype = self.time_embed[0].weight.dtype
         t_emb = timestep_embedding(timesteps, self.model_channels)
-        emb = self.time_embed(t_emb.to(self.time_embed[0].weight.dtype))
+        emb = self.time_embed(t_emb.to(dtype))
         if self.num_classes is not None:
             assert y.shape == (x.shape[0],)
             emb = emb + self.label_emb(y)
+        if context is not None and context.is_floating_point() and not torch.is_autocast_enabled(x.device.type):
+            context = context.to(dtype)
 
         hs = []
-        h = x
+        # compute in the weights' dtype (as the original's ``x.type(self.dtype)``) and memory format
+        h = x.to(dtype=dtype if not torch.is_autocast_enabled(x.device.type) else x.dtype,
+                 memory_format=module_memory_format(self.input_blocks[0]) if x.dim() == 4 else torch.preserve_format)
         for module in self.input_blocks:
             h = module(h, emb, context)
             hs.append(h)
@@ -392,7 +410,7 @@ class UNetModel(nn.Module):
             h = module(h, emb, context)
         if self.predict_codebook_ids:
             return self.id_predictor(h)
-        return self.out(h)
+        return self.out(h).to(x.dtype, memory_format=memory_format_of(x))
 
 
 def _count_flops_attn(model, _x, y):  # pragma: no cover - thop hook kept for API compatibility
