@@ -21,7 +21,7 @@ import pickle
 import re
 import sys
 import warnings
-import zipfile
+from collections import OrderedDict
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator, Mapping
@@ -29,6 +29,7 @@ from typing import Any, Iterator, Mapping
 import torch
 from torch import nn
 
+from ldm.errors import LdmError
 from ldm.precision import preferred_memory_format
 from ldm.util import instantiate_from_config
 
@@ -44,7 +45,7 @@ EMA_PREFIX = "model_ema."
 SAFETENSORS_SUFFIXES = (".safetensors", ".sft")
 
 
-class CheckpointError(Exception):
+class CheckpointError(LdmError):
     """A checkpoint that cannot be read or does not fit the model; the message is one line for the user."""
 
 
@@ -65,12 +66,17 @@ def _inert(*args: Any, **kwargs: Any) -> None:
     return None
 
 
+def _inert_dict(*args: Any, **kwargs: Any) -> dict:
+    return {}
+
+
 # Globals that original SD / Lightning checkpoints reference outside the state dict, mapped to inert stand-ins.
 _LIGHTNING_EXTRAS = [
     (_Inert, "pytorch_lightning.callbacks.model_checkpoint.ModelCheckpoint"),
     (_Inert, "lightning.pytorch.callbacks.model_checkpoint.ModelCheckpoint"),
-    (_Inert, "pytorch_lightning.utilities.parsing.AttributeDict"),
-    (_Inert, "lightning.fabric.utilities.data.AttributeDict"),
+    (OrderedDict, "pytorch_lightning.utilities.parsing.AttributeDict"),  # dict subclasses: filled item by item
+    (OrderedDict, "lightning.fabric.utilities.data.AttributeDict"),
+    (_inert_dict, "collections.defaultdict"),
     (_Inert, "argparse.Namespace"),
     (_inert, "numpy.core.multiarray.scalar"),
     (_inert, "numpy._core.multiarray.scalar"),
@@ -79,6 +85,19 @@ _LIGHTNING_EXTRAS = [
     (_Inert, "numpy.ndarray"),
     (_Inert, "numpy.dtype"),
     (_inert, "_codecs.encode"),
+    # hyper-parameters saved as OmegaConf configs, paths and slices
+    (_Inert, "omegaconf.dictconfig.DictConfig"),
+    (_Inert, "omegaconf.listconfig.ListConfig"),
+    (_Inert, "omegaconf.base.ContainerMetadata"),
+    (_Inert, "omegaconf.base.Metadata"),
+    (_Inert, "omegaconf.nodes.AnyNode"),
+    (_Inert, "typing.Any"),
+    (_Inert, "builtins.dict"),
+    (_Inert, "builtins.list"),
+    (_Inert, "builtins.int"),
+    (_inert, "pathlib.PosixPath"),
+    (_inert, "pathlib.WindowsPath"),
+    (_inert, "builtins.slice"),
 ]
 
 
@@ -112,14 +131,16 @@ def read_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str
         obj = _torch_load(path)
     except pickle.UnpicklingError as err:
         found = re.search(r"GLOBAL ([\w.]+)|(Can only build)", str(err))
-        if found is None:
+        if found is None:  # quote torch's reason, not its advice to turn weights_only off
+            reason = re.search(r"WeightsUnpickler error:\s*(\S[^\n]*)", str(err))
+            detail = reason.group(1) if reason else _first_line(err)
             raise CheckpointError(f"cannot read checkpoint {path}: the file is corrupt or not a PyTorch checkpoint "
-                                  f"({_first_line(err)[:200]})") from None
+                                  f"({detail[:200]})") from None
         detail = f"it references {found.group(1)}" if found.group(1) else "it builds Python objects"
         raise CheckpointError(
             f"refusing to load {path}: {detail}, which could run code when unpickled (nothing was executed); "
             f"use a .safetensors file or re-save the state dict from a trusted environment") from None
-    except (zipfile.BadZipFile, EOFError, OSError, RuntimeError, ValueError, KeyError, TypeError) as err:
+    except Exception as err:  # torch parses untrusted bytes: IndexError, struct.error, AssertionError, ...
         raise CheckpointError(f"cannot read checkpoint {path}: the file is truncated, corrupt or not a PyTorch "
                               f"checkpoint ({_first_line(err)[:200]})") from None
     if isinstance(obj, Mapping) and isinstance(obj.get("state_dict"), Mapping):
@@ -158,7 +179,7 @@ def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
             if n < 2 or n > min(size - 8, _MAX_SAFETENSORS_HEADER):
                 raise bad(f"header length {n} does not fit a {size}-byte file")
             header = json.loads(f.read(n))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as err:
         raise bad(_first_line(err)[:200]) from None
     if not isinstance(header, dict):
         raise bad("the header is not a JSON object")
