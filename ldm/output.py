@@ -3,7 +3,11 @@
 Files are never overwritten and never seen half-written: each PNG is written to a hidden temporary file in
 the target folder and then published under the next free number with ``os.link`` (atomic, fails if the name
 exists), falling back to an ``O_CREAT | O_EXCL`` reservation plus ``os.replace`` where hard links are not
-supported. Several processes can therefore write into one folder at once.
+supported. Several processes can therefore write into one folder at once. SIGINT, SIGTERM and SIGHUP wait while
+a file is written and published. A process killed outright (``kill -9``, power loss) can leave only a hidden
+temporary file, which numbering ignores and a later writer on the same machine removes once its process is gone
+(:data:`STALE_TEMP_SECONDS` after it was last written). Where hard links are not supported (FAT, some network
+shares), such a kill in the instant between reserving a name and moving the file onto it leaves an empty PNG.
 """
 from __future__ import annotations
 
@@ -13,7 +17,9 @@ import json
 import os
 import re
 import signal
+import socket
 import threading
+import time
 import uuid
 from contextlib import contextmanager
 from pathlib import Path
@@ -30,6 +36,10 @@ MIN_WATERMARK_PIXELS = 256 * 256  # invisible-watermark refuses smaller images (
 SAMPLE_PATTERN = ("{:05}.png", re.compile(r"^(\d+)\.png$"))
 GRID_PATTERN = ("grid-{:04}.png", re.compile(r"^grid-(\d+)\.png$"))
 TEMP_PREFIX = ".tmp-"
+STALE_TEMP_SECONDS = 600  # a temporary file lives while one PNG is written; older ones of dead processes are left-overs
+_HOST = hashlib.sha256(socket.gethostname().encode("utf-8", "replace")).hexdigest()[:8]
+_TEMP_NAME = re.compile(r"^\.tmp-(\d+)-([0-9a-f]{8})-[0-9a-f]{12}\.png$")  # pid, host, random
+_DEFERRED_SIGNALS = tuple(getattr(signal, name) for name in ("SIGINT", "SIGTERM", "SIGHUP") if hasattr(signal, name))
 
 
 # ---------------------------------------------------------------------------------------------- watermark
@@ -165,13 +175,12 @@ def make_grid(images: Sequence[np.ndarray], nrow: int, padding: int = 2, pad_val
 # ---------------------------------------------------------------------------------------------- files
 @contextmanager
 def interrupts_deferred() -> Iterator[None]:
-    """Hold SIGINT/SIGTERM while a file is being published; a signal received meanwhile is re-raised after."""
+    """Hold SIGINT/SIGTERM/SIGHUP while a file is being published; a signal received meanwhile is re-raised after."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
     received: list[int] = []
-    signals = [signal.SIGINT] + ([signal.SIGTERM] if hasattr(signal, "SIGTERM") else [])
-    previous = {sig: signal.signal(sig, lambda signum, frame: received.append(signum)) for sig in signals}
+    previous = {sig: signal.signal(sig, lambda signum, frame: received.append(signum)) for sig in _DEFERRED_SIGNALS}
     try:
         yield
     finally:
@@ -211,6 +220,53 @@ def _publish(temp: Path, target: Path) -> bool:
     return True
 
 
+def _process_exists(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # e.g. EPERM: it exists, under another user
+        return True
+    return True
+
+
+def remove_stale_temp_files(directory: str | Path, min_age: float = STALE_TEMP_SECONDS) -> list[Path]:
+    """Delete the temporary files of writers that were killed outright: written by a process of this machine
+    that no longer exists, and untouched for ``min_age`` seconds. Returns the paths removed."""
+    removed = []
+    try:
+        names = os.listdir(directory)
+    except OSError:
+        return removed
+    now = time.time()
+    for name in names:
+        match = _TEMP_NAME.match(name)
+        if match is None or match.group(2) != _HOST or _process_exists(int(match.group(1))):
+            continue
+        path = Path(directory) / name
+        try:
+            if now - path.stat().st_mtime >= min_age:
+                path.unlink()
+                removed.append(path)
+        except OSError:  # gone meanwhile, or not ours to delete
+            continue
+    return removed
+
+
+def _sync_directory(directory: Path) -> None:
+    """Make the new directory entry durable (best effort: not every system can fsync a directory)."""
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
 class NumberedWriter:
     """Saves PNGs as ``name_format.format(n)`` in ``directory``, n continuing after the highest existing one.
 
@@ -231,11 +287,27 @@ class NumberedWriter:
                               f"choose another --outdir") from None
         if not self.directory.is_dir():
             raise OutputError(f"output path {self.directory} is not a folder; choose another --outdir")
+        self._check_writable()
+        remove_stale_temp_files(self.directory)
         self._next = highest_index(self.directory, self.regex) + 1
+
+    def _temp_path(self) -> Path:
+        return self.directory / f"{TEMP_PREFIX}{os.getpid()}-{_HOST}-{uuid.uuid4().hex[:12]}.png"
+
+    def _check_writable(self) -> None:
+        """Fail now, not after minutes of sampling, when files cannot be created in the folder."""
+        probe = self._temp_path()
+        with interrupts_deferred():
+            try:
+                os.close(os.open(probe, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644))
+                os.unlink(probe)
+            except OSError as err:
+                raise OutputError(f"cannot write to output folder {self.directory}: {err.strerror or err}; "
+                                  f"choose another --outdir") from None
 
     def save(self, image: Image.Image, parameters: str | None = None) -> Path:
         """Write ``image`` (with a ``parameters`` text chunk) under the next free number; returns its path."""
-        temp = self.directory / f"{TEMP_PREFIX}{os.getpid()}-{uuid.uuid4().hex[:12]}.png"
+        temp = self._temp_path()
         with interrupts_deferred():
             try:
                 fd = os.open(temp, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
@@ -247,6 +319,7 @@ class NumberedWriter:
                     target = self.directory / self.name_format.format(self._next)
                     if _publish(temp, target):
                         self._next += 1
+                        _sync_directory(self.directory)
                         return target
                     # taken (another process, or a file that appeared): skip past everything there now
                     self._next = max(self._next + 1, highest_index(self.directory, self.regex) + 1)
