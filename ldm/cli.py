@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import signal
 import sys
 import threading
@@ -13,7 +14,7 @@ from ldm.errors import InputError, LdmError, ModelNotFoundError
 
 TRACEBACK_ENV = "LDM_TRACEBACK"
 EXIT_INTERRUPTED = 130
-EXIT_TERMINATED = 143
+EXIT_TERMINATED = 143  # 128 + SIGTERM; SIGHUP (the terminal closed) ends a run the same way, with 128 + SIGHUP
 
 
 class ArgumentParser(argparse.ArgumentParser):
@@ -52,11 +53,18 @@ def add_precision_flag(parser: argparse.ArgumentParser) -> None:
 
 
 class Terminated(BaseException):
-    """Raised in the main thread when SIGTERM arrives, so cleanup code runs as for Ctrl-C."""
+    """Raised in the main thread when SIGTERM or SIGHUP arrives, so cleanup code runs as for Ctrl-C."""
+
+    def __init__(self, signum: int = getattr(signal, "SIGTERM", 15)):
+        super().__init__(signum)
+        self.signum = signum
 
 
-def _on_sigterm(signum: int, frame) -> None:
-    raise Terminated()
+def _on_terminate(signum: int, frame) -> None:
+    raise Terminated(signum)
+
+
+_TERMINATING = tuple(getattr(signal, name) for name in ("SIGTERM", "SIGHUP") if hasattr(signal, name))
 
 
 def _first_line(err: BaseException) -> str:
@@ -66,43 +74,45 @@ def _first_line(err: BaseException) -> str:
 
 def main(body: Callable[[Sequence[str] | None], object], argv: Sequence[str] | None = None,
          prog: str | None = None) -> int:
-    """Run ``body(argv)``; expected errors, Ctrl-C and SIGTERM become one line on stderr and an exit code."""
-    from ldm.checkpoint import CheckpointError
-
+    """Run ``body(argv)``; expected errors, Ctrl-C, SIGTERM and SIGHUP become one line on stderr and an exit code."""
     prog = prog or os.path.basename(sys.argv[0])
-    previous = None
-    if hasattr(signal, "SIGTERM") and threading.current_thread() is threading.main_thread():
-        previous = signal.signal(signal.SIGTERM, _on_sigterm)
+    previous = {}
+    if threading.current_thread() is threading.main_thread():
+        previous = {sig: signal.signal(sig, _on_terminate) for sig in _TERMINATING}
     try:
         body(argv)
         return 0
     except KeyboardInterrupt:
         print(f"\n{prog}: interrupted; the images saved so far are complete", file=sys.stderr)
         return EXIT_INTERRUPTED
-    except Terminated:
+    except Terminated as stop:
         print(f"{prog}: terminated; the images saved so far are complete", file=sys.stderr)
-        return EXIT_TERMINATED
-    except (LdmError, CheckpointError) as err:
+        return 128 + int(stop.signum)
+    except LdmError as err:  # includes ldm.checkpoint.CheckpointError
         print(f"{prog}: error: {_first_line(err)}", file=sys.stderr)
-        return getattr(err, "exit_code", 1)
+        return err.exit_code
     except BrokenPipeError:
         return 1
     except MemoryError:
         print(f"{prog}: error: out of memory; try a smaller --H/--W or --n_samples", file=sys.stderr)
         return 1
-    except Exception as err:  # a bug or an unforeseen environment problem: still one line, unless asked
-        if os.environ.get(TRACEBACK_ENV):
+    except Exception as err:
+        if os.environ.get(TRACEBACK_ENV):  # a bug or an unforeseen environment problem: still one line, unless asked
             raise
         if type(err).__name__ == "OutOfMemoryError":
             print(f"{prog}: error: out of device memory; try a smaller --H/--W or --n_samples, or --precision "
                   f"fp16", file=sys.stderr)
+        elif "can't allocate memory" in str(err):  # torch's CPU allocator: a RuntimeError, not a MemoryError
+            size = re.search(r"allocate (\d+) bytes", str(err))
+            detail = f" (an allocation of {int(size.group(1)) / 2**30:.1f} GiB failed)" if size else ""
+            print(f"{prog}: error: out of memory{detail}; try a smaller --H/--W or --n_samples", file=sys.stderr)
         else:
             print(f"{prog}: error: {type(err).__name__}: {_first_line(err)} (set {TRACEBACK_ENV}=1 for the "
                   f"traceback)", file=sys.stderr)
         return 1
     finally:
-        if previous is not None:
-            signal.signal(signal.SIGTERM, previous)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 def exit_with(body: Callable[[Sequence[str] | None], object]) -> NoReturn:

@@ -1,6 +1,6 @@
 """Errors the user can fix: each carries a one-line message naming the problem and what to do.
 
-The command-line scripts catch :class:`LdmError` (and :class:`ldm.checkpoint.CheckpointError`), print the
+The command-line scripts catch :class:`LdmError` (including :class:`ldm.checkpoint.CheckpointError`), print the
 message on one line of stderr and exit with :attr:`LdmError.exit_code`; anything else is a bug.
 """
 from __future__ import annotations
