@@ -2,7 +2,9 @@
 that generates, watermarks and saves every image and the grid (see :mod:`ldm.pipeline` for one batch)."""
 from __future__ import annotations
 
+import json
 import math
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence
@@ -11,8 +13,17 @@ import numpy as np
 import torch
 from PIL import Image
 
+from ldm.checkpoint import CheckpointError
 from ldm.errors import InputError
-from ldm.image_io import SIZE_MULTIPLE, load_img, open_image, read_prompt_file, round_to_multiple
+from ldm.image_io import (
+    MAX_PROMPT_CHARS,
+    SIZE_MULTIPLE,
+    fit_to_multiple,
+    load_img,
+    open_image,
+    read_prompt_file,
+    round_to_multiple,
+)
 from ldm.output import (
     GRID_PATTERN,
     SAMPLE_PATTERN,
@@ -30,10 +41,13 @@ from ldm.pipeline import (
     Settings,
     check_model_files,
     img2img_steps,
+    load_config,
     load_pipeline,
     resolve_device,
     resolve_precision,
 )
+
+MAX_IMAGES = 100_000  # per run; numbering continues across runs, so more runs make more
 
 
 def _say(message: str) -> None:
@@ -117,8 +131,9 @@ def validate(opt: RunOptions) -> None:
         raise InputError(f"--n_rows must be 0 (= n_samples) or more (got {opt.n_rows})")
     if not math.isfinite(opt.scale):
         raise InputError(f"--scale must be a finite number (got {opt.scale})")
-    if not math.isfinite(opt.eta) or opt.eta < 0:
-        raise InputError(f"--ddim_eta must be a finite number >= 0 (got {opt.eta})")
+    if not (math.isfinite(opt.eta) and 0 <= opt.eta <= 1):
+        raise InputError(f"--ddim_eta must be a finite number >= 0 and at most 1 (got {opt.eta}): 0 is "
+                         f"deterministic DDIM, 1 adds as much noise as DDPM, more gives NaN (black) images")
     if opt.sampler == "plms" and opt.eta != 0:
         raise InputError(f"PLMS is deterministic: --ddim_eta must be 0 with --plms (got {opt.eta})")
     if opt.init_img is not None and not 0.0 <= opt.strength <= 1.0:
@@ -128,6 +143,138 @@ def validate(opt: RunOptions) -> None:
         raise InputError(f"--seed must be between 0 and {2**32 - 1} (got {opt.seed})")
     if not opt.prompts:
         raise InputError("no prompt given; use --prompt or --from-file")
+    total = opt.n_iter * len(opt.prompts)
+    if total > MAX_IMAGES:
+        raise InputError(f"this run would make {total} images (--n_iter {opt.n_iter} x {len(opt.prompts)} "
+                         f"prompts); at most {MAX_IMAGES} per run: start several runs")
+    for what, text in [("--prompt", p) for p in dict.fromkeys(opt.prompts)] + [
+            ("--negative_prompt", opt.negative_prompt)]:
+        if len(text) > MAX_PROMPT_CHARS:
+            raise InputError(f"{what} has {len(text)} characters, more than the {MAX_PROMPT_CHARS} allowed (a "
+                             f"prompt uses 77 tokens); shorten it")
+
+
+# ---------------------------------------------------------------------------------------------- pre-flight
+_NOT_CHECKPOINTS = (
+    (b"\x89PNG\r\n\x1a\n", "a PNG image"), (b"\xff\xd8\xff", "a JPEG image"), (b"GIF8", "a GIF image"),
+    (b"%PDF", "a PDF document"), (b"version https://git-lfs", "a Git LFS pointer (the weights were never "
+                                  "downloaded; run `git lfs pull`)"),
+    (b"<!doctype html", "an HTML page (a failed download?)"), (b"<html", "an HTML page (a failed download?)"),
+)
+_SAFETENSORS_SUFFIXES = (".safetensors", ".sft")
+
+
+def _looks_like_safetensors(head: bytes, size: int) -> bool:
+    return len(head) >= 9 and 2 <= int.from_bytes(head[:8], "little") <= size - 8 and head[8:9] == b"{"
+
+
+def check_checkpoint_file(path: str | Path, fix: str = "check --ckpt") -> None:
+    """Refuse, naming what it is, a checkpoint path that is plainly something else: an empty file, an image,
+    a web page, a Git LFS pointer, a diffusers folder, or the other of .ckpt / .safetensors under the wrong name.
+    Everything else is judged by the loader (:func:`ldm.checkpoint.read_checkpoint`)."""
+    path = Path(path)
+    if path.is_dir():
+        if (path / "model_index.json").is_file() or (path / "unet").is_dir():
+            raise CheckpointError(f"checkpoint {path} is a diffusers folder; this code loads the original single-"
+                                  f"file checkpoints (.ckpt or .safetensors); {fix}")
+        return
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            head = f.read(64)
+            safetensors_header = None
+            if path.suffix.lower() in _SAFETENSORS_SUFFIXES and _looks_like_safetensors(head, size):
+                f.seek(8)
+                safetensors_header = f.read(min(int.from_bytes(head[:8], "little"), 100 * 2**20))
+    except OSError as err:
+        raise CheckpointError(f"cannot read checkpoint {path}: {err.strerror or err}") from None
+    if size == 0:
+        raise CheckpointError(f"checkpoint {path} is empty (0 bytes): the download or copy did not finish")
+    lowered = head.lstrip().lower()
+    for signature, what in _NOT_CHECKPOINTS:
+        if lowered.startswith(signature.lower()):
+            raise CheckpointError(f"checkpoint {path} is {what}, not a model checkpoint; {fix}")
+    is_pickle = head[:4] == b"PK\x03\x04" or head[:1] == b"\x80"  # torch zip, or a (legacy) pickle
+    if path.suffix.lower() in _SAFETENSORS_SUFFIXES:
+        if is_pickle:
+            raise CheckpointError(f"checkpoint {path} is a PyTorch pickle checkpoint named .safetensors; rename it "
+                                  f"to .ckpt (it is then read safely, without running code)")
+        if safetensors_header is not None:
+            try:
+                json.loads(safetensors_header)
+            except (ValueError, RecursionError):
+                raise CheckpointError(f"cannot read {path}: not a valid safetensors file (its header is not "
+                                      f"valid JSON)") from None
+    elif _looks_like_safetensors(head, size):
+        raise CheckpointError(f"checkpoint {path} is a safetensors file; rename it to "
+                              f"{path.with_suffix('.safetensors').name}")
+
+
+def _model_geometry(config) -> tuple[int, int]:
+    """(autoencoder downsampling factor, side multiple) of a model config: SD v1 has (8, 64)."""
+    params = config.model.params
+    ae = params.first_stage_config.params.get("ddconfig", {})
+    unet = params.unet_config.params
+    factor = 2 ** (len(ae.get("ch_mult", (1, 2, 4, 4))) - 1)
+    return factor, factor * 2 ** (len(unet.get("channel_mult", (1, 2, 4, 4))) - 1)
+
+
+def sampling_memory_bytes(config, height: int, width: int, element_size: int, batch: int = 2) -> int:
+    """A lower bound of the memory one image of ``height`` x ``width`` needs while sampling with the model of
+    ``config``: the UNet's skip connections, all alive at once, plus the input and output of one layer at the
+    first level, at the latent resolution for ``batch`` rows (2 with classifier-free guidance); and the decoded
+    image in float32 with its uint8 copy. Weights, the other activations and allocator slack come on top."""
+    unet = config.model.params.unet_config.params
+    factor, _ = _model_geometry(config)
+    latent = math.ceil(height / factor) * math.ceil(width / factor)
+    mults = [int(m) for m in unet.get("channel_mult", (1, 2, 4, 4))]
+    res_blocks = int(unet.get("num_res_blocks", 2))
+    # level l keeps num_res_blocks outputs of its width and one of the level before (conv_in / downsample)
+    skips = sum((res_blocks * m + (mults[level - 1] if level else 1)) / 4 ** level for level, m in enumerate(mults))
+    channels = int(unet.model_channels) * (skips + 2 * mults[0])
+    return int(batch * latent * channels * element_size + height * width * 3 * (4 + 1))
+
+
+def total_memory_bytes(device: torch.device) -> int | None:
+    """The memory a run on ``device`` can use at most: the GPU's, or this machine's RAM (within its cgroup
+    limit); None where unknown."""
+    if device.type == "cuda":
+        return int(torch.cuda.get_device_properties(device).total_memory)
+    if device.type == "mps":
+        recommended = getattr(getattr(torch, "mps", None), "recommended_max_memory", None)
+        return int(recommended()) if recommended is not None else None
+    try:
+        total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return None
+    for limit_file in ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory/memory.limit_in_bytes"):
+        try:
+            text = Path(limit_file).read_text().strip()
+        except OSError:
+            continue
+        if text.isdigit():
+            total = min(total, int(text))
+    return total
+
+
+def check_memory(opt: RunOptions, need: int, height: int, width: int, device: torch.device) -> None:
+    """Refuse sizes and image counts that cannot fit in memory (``need``: :func:`sampling_memory_bytes`), with
+    the estimate, before anything is allocated."""
+    available = total_memory_bytes(device)
+    if available is None:
+        return
+    gib = 2**30
+    if need > available:
+        raise InputError(f"{width}x{height} images need at least {need / gib:.3g} GiB while sampling (estimate), "
+                         f"more than the {available / gib:.3g} GiB of {device.type} memory here; use a smaller "
+                         f"--H/--W" + ("" if opt.init_img is None else " (scale the init image down)"))
+    if not opt.skip_grid:
+        count = opt.n_iter * len(opt.prompts)
+        grid = 3 * count * height * width * 3  # the images kept for the grid, the grid, its watermarked copy
+        if grid > available:
+            raise InputError(f"the grid of {count} images of {width}x{height} needs about {grid / gib:.3g} GiB, "
+                             f"more than the {available / gib:.3g} GiB of memory here; use --skip_grid or make "
+                             f"fewer images per run")
 
 
 def check_before_loading(opt: RunOptions) -> None:
@@ -135,10 +282,30 @@ def check_before_loading(opt: RunOptions) -> None:
     from ldm.safety import find_safety_checker
 
     validate(opt)
+    init = None
     if opt.init_img is not None:
-        open_image(opt.init_img, notice=lambda message: None)
-    resolve_precision(opt.precision, resolve_device(opt.device))
+        init = open_image(opt.init_img, notice=lambda message: None)
+    device = resolve_device(opt.device)
+    precision = resolve_precision(opt.precision, device)
     check_model_files(opt.config, opt.ckpt)
+    check_checkpoint_file(opt.ckpt)
+    config = load_config(opt.config)
+    timesteps = int((config.model.get("params") or {}).get("timesteps", 1000))
+    if opt.steps > timesteps:
+        raise InputError(f"--ddim_steps {opt.steps} is more than the model's {timesteps} diffusion steps; "
+                         f"use at most {timesteps}")
+    element_size = torch.empty(0, dtype=precision.autocast_dtype or precision.weight_dtype).element_size()
+    try:
+        _, multiple = _model_geometry(config)
+        if init is None:
+            height, width = round_to_multiple(opt.height, multiple), round_to_multiple(opt.width, multiple)
+        else:
+            width, height = fit_to_multiple(*init.size, math.lcm(SIZE_MULTIPLE, multiple))
+        need = sampling_memory_bytes(config, height, width, element_size, batch=1 if opt.scale == 1.0 else 2)
+    except (AttributeError, KeyError, TypeError, ValueError):
+        need = None  # not an SD-like config: its model will tell what it needs
+    if need is not None:
+        check_memory(opt, need, height, width, device)
     find_safety_checker(opt.safety_checker)
 
 
@@ -253,4 +420,8 @@ def prompts_from(prompt: str | None, from_file: str | None, n_samples: int) -> l
         return read_prompt_file(from_file)
     if prompt is None or not prompt.strip():
         raise InputError("the prompt is empty; give --prompt \"...\" or --from-file")
+    if n_samples < 1:
+        raise InputError(f"--n_samples must be at least 1 (got {n_samples})")
+    if n_samples > MAX_IMAGES:
+        raise InputError(f"--n_samples must be at most {MAX_IMAGES} (got {n_samples}); start several runs")
     return n_samples * [prompt]
