@@ -7,8 +7,8 @@ geometry, so it can check both the dataset and the images the trained model gene
 * shape mask: the largest 4-connected region of pixels far from the background (threshold: half-way
   between the background and the shape's median colour);
 * colour: the palette colour nearest to the mask's median colour;
-* shape: a triangle is much narrower at a quarter of its height than at three quarters; otherwise the fill
-  ratio of the bounding box separates squares (~1) from circles (~pi/4).
+* shape: a triangle is much narrower at a quarter of its height than at three quarters; otherwise a square
+  fills the corners of its bounding box, which a circle leaves empty.
 """
 from __future__ import annotations
 
@@ -19,7 +19,8 @@ import numpy as np
 
 PALETTE = {"red": (220, 20, 20), "green": (20, 180, 20), "blue": (20, 20, 220), "yellow": (230, 210, 20)}
 TRIANGLE_WIDTH_RATIO = 0.7  # width at 1/4 height over width at 3/4 height: triangle 1/3, circle and square 1
-SQUARE_MIN_FILL = 0.89  # half-way between a circle's pi/4 and a square's 1
+CORNER = 0.15  # corner patches of the bounding box, as a fraction of its side: a circle misses them entirely
+SQUARE_MIN_CORNER_FILL = 0.5  # square 1, circle 0
 MIN_AREA = 40  # pixels; a 24 px triangle covers about 290
 
 
@@ -66,8 +67,10 @@ def shape_of(mask: np.ndarray) -> str:
     lower = widths[int(round(0.75 * (height - 1)))]
     if upper < TRIANGLE_WIDTH_RATIO * max(lower, 1):
         return "triangle"
-    fill = mask.sum() / float(height * width)
-    return "square" if fill >= SQUARE_MIN_FILL else "circle"
+    k = max(1, int(round(CORNER * min(height, width))))
+    box = mask[top:bottom + 1, left:right + 1]
+    corners = np.concatenate([box[:k, :k].ravel(), box[:k, -k:].ravel(), box[-k:, :k].ravel(), box[-k:, -k:].ravel()])
+    return "square" if corners.mean() >= SQUARE_MIN_CORNER_FILL else "circle"
 
 
 def classify(image: np.ndarray) -> Verdict:
