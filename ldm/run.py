@@ -268,13 +268,14 @@ def check_memory(opt: RunOptions, need: int, height: int, width: int, device: to
         raise InputError(f"{width}x{height} images need at least {need / gib:.3g} GiB while sampling (estimate), "
                          f"more than the {available / gib:.3g} GiB of {device.type} memory here; use a smaller "
                          f"--H/--W" + ("" if opt.init_img is None else " (scale the init image down)"))
-    if not opt.skip_grid:
+    ram = available if device.type == "cpu" else total_memory_bytes(torch.device("cpu"))
+    if not opt.skip_grid and ram is not None:
         count = opt.n_iter * len(opt.prompts)
-        grid = 3 * count * height * width * 3  # the images kept for the grid, the grid, its watermarked copy
-        if grid > available:
-            raise InputError(f"the grid of {count} images of {width}x{height} needs about {grid / gib:.3g} GiB, "
-                             f"more than the {available / gib:.3g} GiB of memory here; use --skip_grid or make "
-                             f"fewer images per run")
+        grid = 2 * count * height * width * 3  # the uint8 images kept for the grid, and the grid made of them
+        if grid > ram:
+            raise InputError(f"the grid of {count} images of {width}x{height} needs at least {grid / gib:.3g} GiB, "
+                             f"more than the {ram / gib:.3g} GiB of memory here; use --skip_grid or make fewer "
+                             f"images per run")
 
 
 def check_before_loading(opt: RunOptions) -> None:

@@ -163,6 +163,8 @@ def test_scripts_refuse_code_in_a_checkpoint(processes, name):
 
 
 def test_read_only_outdir_fails_before_loading(processes):
+    """An existing output folder that cannot be written fails at once, not after sampling. The tests run as root,
+    whom permissions do not stop, so the folder is made read-only by a bind mount in a private mount namespace."""
     _, _, results = processes
     if "readonly" not in results:
         pytest.skip("no mount namespace here (unshare -rm)")
@@ -835,8 +837,9 @@ def test_no_hard_links_still_never_overwrites(tmp_path, monkeypatch):
 def test_outdir_checks_leave_nothing_behind(tmp_path):
     NumberedWriter(tmp_path / "a")
     assert os.listdir(tmp_path / "a") == []
-    with pytest.raises(OutputError, match="cannot write to output folder /proc/self: "):  # exists, not writable
-        NumberedWriter("/proc/self")
+    if sys.platform.startswith("linux"):  # a folder that exists but where nobody, root included, creates files
+        with pytest.raises(OutputError, match="cannot write to output folder /proc/self: "):
+            NumberedWriter("/proc/self")
 
 
 def test_failed_write_is_an_output_error_and_leaves_nothing(tmp_path, monkeypatch):
