@@ -57,9 +57,11 @@ def pointwise_conv(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
 
 
 def _fused_cpu_ok(x: torch.Tensor, weight: torch.Tensor) -> bool:
-    """Whether oneDNN's fused linear ops apply: CPU inference (no autograd, no autocast), float32 or bf16."""
+    """Whether oneDNN's fused linear ops apply: CPU inference without autograd, float32 or bf16 input and weight
+    of one dtype, and no autocast to another dtype."""
     return (x.device.type == "cpu" and x.dtype == weight.dtype and x.dtype in (torch.float32, torch.bfloat16)
-            and not torch.is_grad_enabled() and not torch.is_autocast_enabled("cpu") and _HAS_FUSED_LINEAR)
+            and not torch.is_grad_enabled() and _HAS_FUSED_LINEAR
+            and (not torch.is_autocast_enabled("cpu") or torch.get_autocast_dtype("cpu") == x.dtype))
 
 
 def linear_add(linear: nn.Linear, x: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,592 @@
+"""Speed and memory of this implementation against diffusers (and the original's attention), side by side.
+
+    python scripts/benchmark.py                    # everything at 512x512; writes docs/benchmark.md and .png
+    python scripts/benchmark.py --parts unet,vae   # only the in-process step timings
+    python scripts/benchmark.py --quick            # small sizes, a smoke test of every part (minutes)
+
+Full-size SD v1 models are built from deterministic weights (``ldm.deterministic_weights``), never
+downloaded: a 4.27 GB original-layout ``.ckpt``, a bf16 ``.safetensors`` and a diffusers folder converted from
+the same weights are written once to ``--workdir``. diffusers is a benchmark-only peer
+(``pip install diffusers``). Parts:
+
+* ``unet``: one classifier-free-guidance UNet step (batch 2) in one process, the implementations alternating:
+  ours, diffusers' ``UNet2DConditionModel`` and, in fp32, "original": our modules with the original CompVis
+  algorithm patched in (einsum attention materialising the (tokens x tokens) matrix, rearranges, plain ops).
+* ``vae``: one VAE decode (batch 1) in one process, alternating ours and diffusers' ``AutoencoderKL``.
+* ``e2e``: text-to-image (1 sample, ``--steps`` DDIM steps, guidance 7.5) in fresh processes, alternating
+  ``ldm.pipeline`` from the ``.ckpt`` and ``StableDiffusionPipeline.from_pretrained`` from the folder; wall time
+  from interpreter start to decoded image, and the process's peak RSS (VmHWM).
+* ``load``: peak RSS of loading alone, per checkpoint format and weight dtype.
+* ``big``: a 1024x1024 text-to-image run of ours (peak RSS; ``--big-steps`` steps).
+
+Timings are medians over ``--repeats``; no assertion is made. The machine's load (other processes) is
+recorded with the table, since it moves absolute numbers (ratios are taken within one alternating run).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+CONFIG = ROOT / "configs/stable-diffusion/v1-inference.yaml"
+PROMPT = "a photograph of an astronaut riding a horse"
+GIB = 1e9
+
+
+def peak_rss() -> int:
+    """This process's own high-water RSS in bytes (VmHWM)."""
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM:"))
+
+
+# ------------------------------------------------------------------------------------------------ assets
+def ensure_assets(workdir: Path) -> dict[str, Path]:
+    """The fp32 .ckpt, a bf16 .safetensors and a diffusers folder, all from the same deterministic weights."""
+    import torch
+    from omegaconf import OmegaConf
+
+    from ldm.deterministic_weights import write_deterministic_checkpoint
+
+    workdir.mkdir(parents=True, exist_ok=True)
+    config = OmegaConf.load(CONFIG)
+    paths = {"ckpt": workdir / "sd-v1-det.ckpt", "bf16": workdir / "sd-v1-det-bf16.safetensors",
+             "diffusers": workdir / "diffusers-sd-v1-det"}
+    if not paths["ckpt"].exists():
+        print(f"writing {paths['ckpt']} (deterministic weights, fp32)", flush=True)
+        write_deterministic_checkpoint(config, paths["ckpt"])
+    if not paths["bf16"].exists():
+        print(f"writing {paths['bf16']}", flush=True)
+        write_deterministic_checkpoint(config, paths["bf16"], dtype=torch.bfloat16)
+    if not (paths["diffusers"] / "model_index.json").exists():
+        print(f"converting to {paths['diffusers']}", flush=True)
+        build_diffusers_folder(paths["ckpt"], paths["diffusers"])
+    return paths
+
+
+def _diffusers_components(ckpt: Path, dtype):
+    """diffusers UNet and VAE converted (by diffusers' own converters) from the original-layout state dict."""
+    import torch
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from diffusers.loaders.single_file_utils import (
+        convert_ldm_unet_checkpoint,
+        convert_ldm_vae_checkpoint,
+        create_unet_diffusers_config_from_ldm,
+        create_vae_diffusers_config_from_ldm,
+    )
+    from omegaconf import OmegaConf
+
+    from ldm.checkpoint import read_state_dict
+
+    sd = read_state_dict(ckpt)
+    original = OmegaConf.to_container(OmegaConf.load(CONFIG))
+    out = []
+    for cls, make_config, convert in (
+            (UNet2DConditionModel, create_unet_diffusers_config_from_ldm, convert_ldm_unet_checkpoint),
+            (AutoencoderKL, create_vae_diffusers_config_from_ldm, convert_ldm_vae_checkpoint)):
+        config = make_config(original, sd)
+        weights = convert(sd, config)
+        with torch.device("meta"):
+            module = cls(**config)
+        module.load_state_dict({k: v.to(dtype) for k, v in weights.items()}, strict=True, assign=True)
+        out.append(module.eval())
+    return out
+
+
+def build_diffusers_folder(ckpt: Path, folder: Path) -> None:
+    import torch
+    from diffusers import DDIMScheduler, StableDiffusionPipeline
+    from omegaconf import OmegaConf
+    from transformers import CLIPTokenizer
+
+    from ldm.checkpoint import load_model_from_config
+    from ldm.modules.encoders.modules import TOKENIZER_DIR
+
+    unet, vae = _diffusers_components(ckpt, torch.float32)
+    ours = load_model_from_config(OmegaConf.load(CONFIG), ckpt)
+    scheduler = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
+                              set_alpha_to_one=False, steps_offset=1, num_train_timesteps=1000)
+    pipe = StableDiffusionPipeline(vae=vae, text_encoder=ours.cond_stage_model.transformer,
+                                   tokenizer=CLIPTokenizer.from_pretrained(TOKENIZER_DIR, model_max_length=77),
+                                   unet=unet,
+                                   scheduler=scheduler, safety_checker=None, feature_extractor=None,
+                                   requires_safety_checker=False)
+    pipe.save_pretrained(folder, safe_serialization=True)
+
+
+# ------------------------------------------------------------------------------------------------ original
+class original_algorithm:
+    """Context manager: our UNet modules compute as the original CompVis code did (fp32, plain layout).
+
+    Attention materialises softmax(q k^T) with einsum per head (``ldm/modules/attention.py`` of CompVis),
+    SpatialTransformer rearranges (B, C, H, W) <-> (B, HW, C) around 1x1 convolutions, GEGLU and residuals
+    allocate fresh tensors. Weights and convolutions are ours (identical math).
+    """
+
+    def __enter__(self):
+        import torch
+        import torch.nn.functional as F
+
+        from ldm.modules import attention as A
+        from ldm.modules.diffusionmodules import openaimodel as U
+
+        def cross_attention(self, x, context=None, mask=None, residual=None):
+            h = self.heads
+            context = x if context is None else context
+            q, k, v = self.to_q(x), self.to_k(context), self.to_v(context)
+            q, k, v = (t.reshape(t.shape[0], t.shape[1], h, -1).permute(0, 2, 1, 3).reshape(t.shape[0] * h,
+                       t.shape[1], -1) for t in (q, k, v))
+            sim = torch.einsum("b i d, b j d -> b i j", q, k) * self.scale
+            out = torch.einsum("b i j, b j d -> b i d", sim.softmax(dim=-1), v)
+            out = out.reshape(-1, h, out.shape[1], out.shape[2]).permute(0, 2, 1, 3).reshape(-1, out.shape[1],
+                                                                                           h * out.shape[2])
+            out = self.to_out(out)
+            return out if residual is None else out + residual
+
+        def geglu(self, x):
+            x, gate = self.proj(x).chunk(2, dim=-1)
+            return x * F.gelu(gate)
+
+        def feed_forward(self, x, residual=None):
+            out = self.net(x)
+            return out if residual is None else out + residual
+
+        def block(self, x, context=None):
+            x = self.attn1(self.norm1(x)) + x
+            x = self.attn2(self.norm2(x), context=context) + x
+            return self.ff(self.norm3(x)) + x
+
+        def spatial_transformer(self, x, context=None):
+            b, c, h, w = x.shape
+            x_in = x
+            x = self.proj_in(self.norm(x))
+            x = x.permute(0, 2, 3, 1).reshape(b, h * w, c)
+            for blk in self.transformer_blocks:
+                x = blk(x, context=context)
+            x = x.reshape(b, h, w, c).permute(0, 3, 1, 2)
+            return self.proj_out(x) + x_in
+
+        def resblock(self, x, emb):
+            h = self.in_layers(x)
+            emb_out = self.emb_layers(emb).type(h.dtype)[..., None, None]
+            h = self.out_layers(h + emb_out)
+            return self.skip_connection(x) + h
+
+        self.saved = [(A.CrossAttention, "forward", A.CrossAttention.forward),
+                      (A.GEGLU, "forward", A.GEGLU.forward), (A.FeedForward, "forward", A.FeedForward.forward),
+                      (A.BasicTransformerBlock, "_forward", A.BasicTransformerBlock._forward),
+                      (A.SpatialTransformer, "forward", A.SpatialTransformer.forward),
+                      (U.ResBlock, "_forward", U.ResBlock._forward)]
+        for (cls, name, _), fn in zip(self.saved, (cross_attention, geglu, feed_forward, block, spatial_transformer,
+                                                   resblock)):
+            setattr(cls, name, fn)
+        return self
+
+    def __exit__(self, *exc):
+        for cls, name, fn in self.saved:
+            setattr(cls, name, fn)
+
+
+# ------------------------------------------------------------------------------------------------ children
+def _alternate(fns: dict, repeats: int) -> dict[str, list[float]]:
+    """Run each function once to warm up, then ``repeats`` rounds in turn; wall seconds per call."""
+    import torch
+
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    with torch.no_grad():
+        for fn in fns.values():
+            fn()
+        for _ in range(repeats):
+            for name, fn in fns.items():
+                start = time.perf_counter()
+                fn()
+                times[name].append(time.perf_counter() - start)
+    return times
+
+
+def _sync(device) -> None:
+    import torch
+
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def child_unet(args, paths) -> dict:
+    import torch
+
+    from ldm.precision import tune_cpu_allocator
+
+    tune_cpu_allocator()  # both implementations run in this process: the same allocator for all
+    result = {}
+    for dtype_name in (["float32", "bfloat16"] if args.device == "cpu" else ["float16"]):
+        result[dtype_name], flops = _unet_rounds(args, paths, getattr(torch, dtype_name))
+        if flops:
+            result["flops"] = flops
+    return result
+
+
+def _unet_rounds(args, paths, dtype) -> tuple[dict, float | None]:
+    import torch
+    from omegaconf import OmegaConf
+
+    from ldm.checkpoint import load_model_from_config
+
+    device = torch.device(args.device)
+    latent = args.size // 8
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 4, latent, latent, generator=gen).to(device, dtype)
+    context = torch.randn(2, 77, 768, generator=gen).to(device, dtype)
+    t = torch.tensor([500, 500], device=device)
+    unet = load_model_from_config(OmegaConf.load(CONFIG), paths["ckpt"], dtype=dtype,
+                                  device=device).model.diffusion_model
+    theirs = _diffusers_components(paths["ckpt"], dtype)[0].to(device)
+    fns = {"ours": lambda: (unet(x, t, context), _sync(device)),
+           "diffusers": lambda: (theirs(x, t, encoder_hidden_states=context), _sync(device))}
+    if dtype == torch.float32 and args.original:
+        def original():
+            with original_algorithm():
+                unet(x, t, context)
+        fns["original"] = original
+    times = _alternate(fns, args.repeats)
+    return times, (unet_flops(unet, x, t, context) if dtype == torch.float32 else None)
+
+
+def unet_flops(unet, x, t, context) -> float:
+    """Floating-point operations of one UNet call (matmuls, convolutions, attention), counted by torch."""
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    counter = FlopCounterMode(display=False)
+    with torch.no_grad(), counter:
+        unet(x, t, context)
+    return float(counter.get_total_flops())
+
+
+def child_vae(args, paths) -> dict:
+    import torch
+
+    from ldm.precision import tune_cpu_allocator
+
+    tune_cpu_allocator()
+    return {name: _vae_rounds(args, paths, getattr(torch, name))
+            for name in (["float32", "bfloat16"] if args.device == "cpu" else ["float16"])}
+
+
+def _vae_rounds(args, paths, dtype) -> dict:
+    import torch
+    from omegaconf import OmegaConf
+
+    from ldm.checkpoint import load_model_from_config
+
+    device = torch.device(args.device)
+    latent = args.size // 8
+    z = torch.randn(1, 4, latent, latent, generator=torch.Generator().manual_seed(0)).to(device, dtype)
+    ours = load_model_from_config(OmegaConf.load(CONFIG), paths["ckpt"], dtype=dtype, device=device)
+    theirs = _diffusers_components(paths["ckpt"], dtype)[1].to(device)
+    scale = ours.scale_factor
+    return _alternate({"ours": lambda: (ours.decode_first_stage(z), _sync(device)),
+                       "diffusers": lambda: (theirs.decode(z / scale).sample, _sync(device))}, args.repeats)
+
+
+CHILD_E2E_OURS = r"""
+import json, sys, time
+start = time.perf_counter()
+ckpt, size, steps, precision, device = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4], sys.argv[5]
+import torch
+from ldm.precision import tune_cpu_allocator
+tune_cpu_allocator()
+from ldm.pipeline import Settings, load_pipeline
+pipe = load_pipeline("{config}", ckpt, device=device, precision=precision, safety_checker="off", say=lambda m: None)
+loaded = time.perf_counter()
+images, _ = pipe.generate(["{prompt}"], [42], Settings(steps=steps, height=size, width=size))
+done = time.perf_counter()
+hwm = next(int(l.split()[1]) * 1024 for l in open("/proc/self/status") if l.startswith("VmHWM:"))
+print(json.dumps({{"wall": done - start, "load": loaded - start, "generate": done - loaded, "rss": hwm,
+                  "mean": float(images.mean())}}))
+"""
+
+CHILD_E2E_DIFFUSERS = r"""
+import json, sys, time
+start = time.perf_counter()
+folder, size, steps, precision, device = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4], sys.argv[5]
+import torch
+from diffusers import StableDiffusionPipeline
+dtype = {{"full": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}}[precision]
+pipe = StableDiffusionPipeline.from_pretrained(folder, torch_dtype=dtype, safety_checker=None, local_files_only=True)
+pipe = pipe.to(device)
+pipe.set_progress_bar_config(disable=True)
+loaded = time.perf_counter()
+gen = torch.Generator("cpu").manual_seed(42)
+image = pipe("{prompt}", height=size, width=size, num_inference_steps=steps, guidance_scale=7.5, generator=gen,
+             output_type="np").images
+done = time.perf_counter()
+hwm = next(int(l.split()[1]) * 1024 for l in open("/proc/self/status") if l.startswith("VmHWM:"))
+print(json.dumps({{"wall": done - start, "load": loaded - start, "generate": done - loaded, "rss": hwm,
+                  "mean": float(image.mean())}}))
+"""
+
+CHILD_LOAD = r"""
+import json, sys, time
+import torch
+from omegaconf import OmegaConf
+from ldm.checkpoint import load_model_from_config
+start = time.perf_counter()
+model = load_model_from_config(OmegaConf.load("{config}"), sys.argv[1], dtype=getattr(torch, sys.argv[2]))
+loaded = time.perf_counter() - start
+with torch.no_grad():  # touch every weight once, so memory-mapped pages are really resident
+    for p in model.parameters():
+        float(p.sum())
+hwm = next(int(l.split()[1]) * 1024 for l in open("/proc/self/status") if l.startswith("VmHWM:"))
+print(json.dumps({{"load": loaded, "rss": hwm}}))
+"""
+
+CHILD_IMPORT = r"""
+import json
+import torch, transformers, pytorch_lightning  # noqa: F401
+from transformers import CLIPTextModel  # noqa: F401
+hwm = next(int(l.split()[1]) * 1024 for l in open("/proc/self/status") if l.startswith("VmHWM:"))
+print(json.dumps({"rss": hwm}))
+"""
+
+
+def run_child(code_or_args: list[str], env: dict | None = None, timeout: int = 3600) -> dict:
+    out = subprocess.run([sys.executable, *code_or_args], cwd=ROOT, capture_output=True, text=True, env=env,
+                         timeout=timeout)
+    if out.returncode != 0:
+        raise RuntimeError(f"benchmark child failed ({code_or_args[:3]}):\n{out.stderr[-3000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def e2e(args, paths, precision: str) -> dict[str, list[dict]]:
+    ours_code = CHILD_E2E_OURS.format(config=CONFIG, prompt=PROMPT)
+    theirs_code = CHILD_E2E_DIFFUSERS.format(prompt=PROMPT)
+    runs: dict[str, list[dict]] = {"ours": [], "diffusers": []}
+    for _ in range(args.e2e_repeats):
+        common = [str(args.size), str(args.steps), precision, args.device]
+        runs["ours"].append(run_child(["-c", ours_code, str(paths["ckpt"]), *common]))
+        runs["diffusers"].append(run_child(["-c", theirs_code, str(paths["diffusers"]), *common]))
+    return runs
+
+
+def matmul_peak(dtype_name: str) -> float:
+    """Measured FLOP/s of a large square matmul with all threads (the machine's practical peak)."""
+    import torch
+
+    dtype = getattr(torch, dtype_name)
+    n = 4096
+    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+    a @ b
+    best = min(_timed(lambda: a @ b) for _ in range(3))
+    return 2 * n ** 3 / best
+
+
+def _timed(fn) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+# ------------------------------------------------------------------------------------------------ report
+def machine() -> dict:
+    import torch
+
+    cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")),
+               platform.processor())
+    flags = next((line for line in open("/proc/cpuinfo") if line.startswith("flags")), "")
+    features = [f for f in ("avx512f", "avx512_bf16", "amx_bf16", "amx_tile") if f" {f}" in flags]
+    return {"cpu": cpu, "cores": os.cpu_count(), "features": features, "torch": torch.__version__,
+            "threads": torch.get_num_threads(), "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
+
+
+def load_snapshot() -> dict:
+    """Load average and the other CPU-heavy processes (the benchmark shares this machine)."""
+    ps = subprocess.run(["ps", "-eo", "pcpu,comm,args", "--sort=-pcpu"], capture_output=True, text=True).stdout
+    others = [" ".join(line.split()[2:])[:80] for line in ps.splitlines()[1:8]
+              if float(line.split()[0]) > 20 and "benchmark" not in line]
+    return {"loadavg": open("/proc/loadavg").read().split()[:3], "others": others}
+
+
+def med(values: list[float]) -> float:
+    return statistics.median(values)
+
+
+def build_rows(results: dict) -> list[tuple]:
+    """(measure, ours, diffusers, original, unit) rows; None where not measured."""
+    rows = []
+    for dtype, label in (("float32", "fp32"), ("bfloat16", "bf16"), ("float16", "fp16")):
+        times = results.get("unet", {}).get(dtype)
+        if times:
+            rows.append((f"UNet step, batch 2 ({label})", med(times["ours"]), med(times["diffusers"]),
+                         med(times["original"]) if "original" in times else None, "s"))
+    for dtype, label in (("float32", "fp32"), ("bfloat16", "bf16"), ("float16", "fp16")):
+        times = results.get("vae", {}).get(dtype)
+        if times:
+            rows.append((f"VAE decode ({label})", med(times["ours"]), med(times["diffusers"]), None, "s"))
+    for precision, label in (("full", "fp32"), ("bf16", "bf16"), ("fp16", "fp16")):
+        runs = results.get("e2e", {}).get(precision)
+        if runs:
+            rows.append((f"txt2img wall ({label})", med([r["wall"] for r in runs["ours"]]),
+                         med([r["wall"] for r in runs["diffusers"]]), None, "s"))
+            rows.append((f"txt2img peak RSS ({label})", max(r["rss"] for r in runs["ours"]) / GIB,
+                         max(r["rss"] for r in runs["diffusers"]) / GIB, None, "GB"))
+    return rows
+
+
+def write_report(results: dict, args, out_dir: Path) -> str:
+    rows = build_rows(results)
+    m = results["machine"]
+    size = f"{args.size}x{args.size}"
+    lines = [f"# Benchmark: {size}, {args.steps} DDIM steps, CPU", "",
+             f"Machine: {m['cpu']}, {m['cores']} cores ({', '.join(m['features'])}), torch {m['torch']}, "
+             f"{m['threads']} threads, {m['date']}. Deterministic full-size SD v1 weights (4.27 GB .ckpt); "
+             f"diffusers from a folder converted from the same weights.", "",
+             "| measure | ours | diffusers | ours / diffusers | original algorithm | original / ours |",
+             "|---|---:|---:|---:|---:|---:|"]
+    for name, ours, theirs, original, unit in rows:
+        orig = f"{original:.2f} {unit}" if original is not None else "-"
+        orig_ratio = f"{original / ours:.2f}x" if original is not None else "-"
+        lines.append(f"| {name} | {ours:.2f} {unit} | {theirs:.2f} {unit} | **{ours / theirs:.2f}** | {orig} | "
+                     f"{orig_ratio} |")
+    if "load" in results:
+        lines += ["", "Loading alone (fresh process, every weight touched once; import baseline "
+                      f"{results['load']['import_rss'] / GIB:.2f} GB):", "",
+                  "| checkpoint | weights | load s | peak RSS | x file size |", "|---|---|---:|---:|---:|"]
+        for row in results["load"]["rows"]:
+            lines.append(f"| {row['file']} ({row['size'] / GIB:.2f} GB) | {row['dtype']} | {row['load']:.1f} | "
+                         f"{row['rss'] / GIB:.2f} GB | {row['rss'] / row['size']:.2f} |")
+    if "big" in results:
+        b = results["big"]
+        lines += ["", f"1024x1024 txt2img (ours, {b['precision']}, {b['steps']} steps): peak RSS "
+                      f"{b['rss'] / GIB:.2f} GB, wall {b['wall']:.0f} s."]
+    if "flops" in results.get("unet", {}):
+        flops = results["unet"]["flops"]
+        lines += ["", f"UNet step: {flops / 1e12:.2f} TFLOP (counted by torch.utils.flop_counter)."]
+        for dtype, label in (("float32", "fp32"), ("bfloat16", "bf16")):
+            peak = results.get("peaks", {}).get(dtype)
+            times = results["unet"].get(dtype)
+            if peak and times:
+                lines.append(f"- {label}: matmul peak {peak / 1e9:.0f} GFLOP/s (4096^2 matmul); ours "
+                             f"{flops / med(times['ours']) / 1e9:.0f} GFLOP/s = "
+                             f"{flops / med(times['ours']) / peak:.0%} of peak, diffusers "
+                             f"{flops / med(times['diffusers']) / peak:.0%}.")
+    snap = results["load_before"], results["load_after"]
+    lines += ["", f"Machine load during the run: load average {' '.join(snap[0]['loadavg'])} before, "
+                  f"{' '.join(snap[1]['loadavg'])} after; other busy processes: "
+                  f"{'; '.join(snap[0]['others'] + snap[1]['others']) or 'none'}.",
+              f"Medians of {args.repeats} alternating rounds (in-process parts) and {args.e2e_repeats} fresh "
+              "processes per implementation (end to end). Both in-process parts run with "
+              "`ldm.precision.tune_cpu_allocator()` for both implementations; the end-to-end child of ours calls "
+              "it, diffusers' runs as it comes."]
+    text = "\n".join(lines) + "\n"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "benchmark.md").write_text(text)
+    (out_dir / "benchmark.json").write_text(json.dumps(results, indent=1, default=str))
+    draw_chart(rows, out_dir / "benchmark.png", f"{size}, {m['cpu']}, {m['cores']} cores")
+    return text
+
+
+def draw_chart(rows: list[tuple], path: Path, subtitle: str) -> None:
+    """Horizontal bars of time (or memory) relative to diffusers = 1.0, drawn with PIL."""
+    from PIL import Image, ImageDraw
+
+    bar_h, gap, left, width = 16, 14, 260, 900
+    height = 70 + len(rows) * (3 * bar_h + gap) + 40
+    img = Image.new("RGB", (width, height), "white")
+    d = ImageDraw.Draw(img)
+    d.text((10, 8), "relative to diffusers (shorter is better)", fill="black")
+    d.text((10, 26), subtitle, fill="gray")
+    scale_max = max(max((o or 0) / t, 1.0, (g or 0) / t) for _, o, t, g, _ in rows)
+    unit_px = (width - left - 80) / scale_max
+    colors = {"ours": (40, 110, 200), "diffusers": (150, 150, 150), "original": (220, 120, 50)}
+    y = 56
+    x1 = left + unit_px
+    for name, ours, theirs, original, unit in rows:
+        d.text((10, y + bar_h), name, fill="black")
+        for label, value in (("ours", ours), ("diffusers", theirs), ("original", original)):
+            if value is None:
+                continue
+            r = value / theirs
+            d.rectangle([left, y, left + r * unit_px, y + bar_h - 3], fill=colors[label])
+            d.text((left + r * unit_px + 4, y + 1), f"{label} {value:.2f} {unit} ({r:.2f})", fill="black")
+            y += bar_h
+        y += gap + (bar_h if original is None else 0)
+    d.line([x1, 50, x1, height - 30], fill=(0, 0, 0))
+    d.text((x1 - 10, height - 26), "1.0", fill="black")
+    img.save(path)
+
+
+# ------------------------------------------------------------------------------------------------ main
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--parts", default="load,unet,vae,e2e,big")
+    parser.add_argument("--size", type=int, default=512)
+    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--repeats", type=int, default=3, help="alternating rounds of the in-process parts")
+    parser.add_argument("--e2e-repeats", type=int, default=1, help="fresh processes per implementation")
+    parser.add_argument("--big-size", type=int, default=1024)
+    parser.add_argument("--big-steps", type=int, default=2)
+    parser.add_argument("--big-precision", default="bf16")
+    parser.add_argument("--device", default="cpu", help="cpu, or cuda (fp16 in place of fp32/bf16)")
+    parser.add_argument("--no-original", dest="original", action="store_false")
+    parser.add_argument("--quick", action="store_true", help="256x256, 2 steps, 1 round: a smoke test")
+    parser.add_argument("--workdir", type=Path, default=Path(os.environ.get("TMPDIR", "/tmp")) / "ldm-benchmark")
+    parser.add_argument("--out", type=Path, default=ROOT / "docs")
+    parser.add_argument("--child", choices=["unet", "vae"], help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.quick:
+        args.size, args.steps, args.repeats, args.big_size, args.big_steps = 256, 2, 1, 512, 1
+
+    try:
+        import diffusers  # noqa: F401
+    except ImportError:
+        sys.exit("diffusers is needed for the comparison (a benchmark-only peer): pip install diffusers")
+
+    paths = ensure_assets(args.workdir)
+    if args.child:
+        result = {"unet": child_unet, "vae": child_vae}[args.child](args, paths)
+        print(json.dumps(result))
+        return
+
+    parts = args.parts.split(",")
+    results: dict = {"machine": machine(), "load_before": load_snapshot()}
+    child_args = [str(Path(__file__)), "--size", str(args.size), "--repeats", str(args.repeats), "--device",
+                  args.device, "--workdir", str(args.workdir)] + ([] if args.original else ["--no-original"])
+    if "load" in parts:
+        print("load ...", flush=True)
+        rows = []
+        for path, dtype in ((paths["ckpt"], "float32"), (paths["ckpt"], "bfloat16"), (paths["bf16"], "bfloat16")):
+            r = run_child(["-c", CHILD_LOAD.format(config=CONFIG), str(path), dtype])
+            rows.append({"file": path.suffix, "size": path.stat().st_size, "dtype": dtype, **r})
+            print(f"  {path.name} -> {dtype}: {r['rss'] / GIB:.2f} GB", flush=True)
+        results["load"] = {"rows": rows, "import_rss": run_child(["-c", CHILD_IMPORT])["rss"]}
+    for part in ("unet", "vae"):
+        if part in parts:
+            print(f"{part} ...", flush=True)
+            results[part] = run_child([*child_args, "--child", part])
+    if "unet" in parts:
+        results["peaks"] = {d: matmul_peak(d) for d in ("float32", "bfloat16")}
+    if "e2e" in parts:
+        results["e2e"] = {}
+        for precision in (["full", "bf16"] if args.device == "cpu" else ["fp16"]):
+            print(f"e2e {precision} ...", flush=True)
+            results["e2e"][precision] = e2e(args, paths, precision)
+    if "big" in parts:
+        print(f"big {args.big_size} ...", flush=True)
+        code = CHILD_E2E_OURS.format(config=CONFIG, prompt=PROMPT)
+        r = run_child(["-c", code, str(paths["ckpt"]), str(args.big_size), str(args.big_steps), args.big_precision,
+                       args.device])
+        results["big"] = {**r, "precision": args.big_precision, "steps": args.big_steps}
+    results["load_after"] = load_snapshot()
+    print(write_report(results, args, args.out))
+
+
+if __name__ == "__main__":
+    main()
