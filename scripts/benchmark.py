@@ -464,7 +464,7 @@ def write_report(results: dict, args, out_dir: Path) -> str:
                          f"{row['rss'] / GIB:.2f} GB | {row['rss'] / row['size']:.2f} |")
     if "big" in results:
         b = results["big"]
-        lines += ["", f"1024x1024 txt2img (ours, {b['precision']}, {b['steps']} steps): peak RSS "
+        lines += ["", f"{args.big_size}x{args.big_size} txt2img (ours, {b['precision']}, {b['steps']} steps): peak RSS "
                       f"{b['rss'] / GIB:.2f} GB, wall {b['wall']:.0f} s."]
     if "flops" in results.get("unet", {}):
         flops = results["unet"]["flops"]
