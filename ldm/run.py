@@ -2,6 +2,7 @@
 that generates, watermarks and saves every image and the grid (see :mod:`ldm.pipeline` for one batch)."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -13,6 +14,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from ldm import distributed
 from ldm.checkpoint import CheckpointError
 from ldm.errors import InputError
 from ldm.image_io import (
@@ -54,14 +56,20 @@ def _say(message: str) -> None:
     print(message, flush=True)
 
 
+def _quiet(message: str) -> None:
+    pass
+
+
 @dataclass(frozen=True)
 class Job:
-    """One batch of a run: its prompts and their seeds (``index``: position in the run's job list)."""
+    """One batch of a run: its prompts and their seeds (``index``: position in the run's job list; ``first``:
+    number of its first image in the run, counted in generation order)."""
 
     index: int
     iteration: int
     prompts: tuple[str, ...]
     seeds: tuple[int, ...]
+    first: int = 0
 
 
 def chunk(items: Sequence[str], size: int) -> list[tuple[str, ...]]:
@@ -76,9 +84,21 @@ def plan_jobs(prompts: Sequence[str], batch_size: int, n_iter: int, seed: int, f
     for n in range(n_iter):
         for batch in batches:
             first = seed if fixed_code else seed + k
-            jobs.append(Job(len(jobs), n, batch, tuple(first + j for j in range(len(batch)))))
+            jobs.append(Job(len(jobs), n, batch, tuple(first + j for j in range(len(batch))), k))
             k += len(batch)
     return jobs
+
+
+def shard_jobs(jobs: Sequence[Job], images: range) -> list[Job]:
+    """The parts of ``jobs`` whose images (numbered in generation order) lie in ``images``: the same prompts and
+    seeds, so each image is the one a single process makes (see :func:`ldm.distributed.share`)."""
+    parts = []
+    for job in jobs:
+        lo, hi = max(images.start, job.first), min(images.stop, job.first + len(job.prompts))
+        if lo < hi:
+            a, b = lo - job.first, hi - job.first
+            parts.append(dataclasses.replace(job, prompts=job.prompts[a:b], seeds=job.seeds[a:b], first=lo))
+    return parts
 
 
 @dataclass
@@ -337,33 +357,55 @@ def prepare(pipe: Pipeline, opt: RunOptions, say: Callable[[str], None] = _say):
 
 
 def run(opt: RunOptions, say: Callable[[str], None] = _say) -> list[Path]:
-    """Generate, check, watermark and save everything ``opt`` asks for; returns the paths written.
+    """Generate, check, watermark and save everything ``opt`` asks for; returns the paths this process wrote.
 
     Samples go to ``outdir/samples/NNNNN.png``, the grid to ``outdir/grid-NNNN.png``, numbered after the
-    highest existing ones.
+    highest existing ones. Under torchrun each process makes its share of the images (see
+    :mod:`ldm.distributed`) and rank 0 writes the grid once all are done; the files are numbered in the order
+    they are finished, and each one's metadata (prompt, seed) says which image of the run it is.
     """
+    with distributed.join() as group:
+        return _run(opt, group, say)
+
+
+def _run(opt: RunOptions, group: distributed.Group, say: Callable[[str], None]) -> list[Path]:
     from pytorch_lightning import seed_everything
     from tqdm import tqdm
 
+    world = group.world
+    say_once = say if world.is_main else _quiet  # what every process would say alike
+    opt = dataclasses.replace(opt, device=distributed.rank_device(opt.device, world))
     check_before_loading(opt)
     outdir = Path(opt.outdir)
     sample_writer = NumberedWriter(outdir / "samples", SAMPLE_PATTERN)
-    grid_writer = NumberedWriter(outdir, GRID_PATTERN)
-    seed_everything(opt.seed, verbose=False)  # as the original; each image's noise has its own seed (see plan_jobs)
-    pipe = load_pipeline(opt.config, opt.ckpt, opt.device, opt.precision, opt.safety_checker, say)
-    settings, posterior = prepare(pipe, opt, say)
-    _warn_long_prompts(pipe, opt.prompts, opt.negative_prompt, say)
-    watermark = Watermarker() if opt.watermark else None
-    if watermark is not None and not can_watermark(settings.width, settings.height):
-        say(f"notice: {settings.width}x{settings.height} images are below the 256x256 pixels the invisible "
-            f"watermark needs; samples are saved without it")
-
+    grid_writer = NumberedWriter(outdir, GRID_PATTERN) if world.is_main else None
     jobs = plan_jobs(opt.prompts, opt.n_samples, opt.n_iter, opt.seed, opt.fixed_code)
+    total = sum(len(job.prompts) for job in jobs)
+    mine = distributed.share(total, world)
+    my_jobs = shard_jobs(jobs, mine)
+    if world.size > 1:
+        images = f"images {mine.start + 1}-{mine.stop} of {total}" if mine else f"no images (the run has {total})"
+        say(f"process {world.rank} of {world.size} ({opt.device}): {images}")
+    seed_everything(opt.seed, verbose=False)  # as the original; each image's noise has its own seed (see plan_jobs)
+    if opt.device.startswith("cuda:"):
+        torch.cuda.set_device(torch.device(opt.device))  # no stray allocations on another process's GPU
+    group.check()
+
     saved: list[Path] = []
-    grid_images: list[np.ndarray] = []
-    for job in tqdm(jobs, desc="Sampling", disable=len(jobs) < 2):
+    grid_images: list[tuple[int, np.ndarray]] = []
+    pipe = settings = watermark = posterior = None
+    if my_jobs:
+        pipe = load_pipeline(opt.config, opt.ckpt, opt.device, opt.precision, opt.safety_checker, say_once)
+        settings, posterior = prepare(pipe, opt, say_once)
+        _warn_long_prompts(pipe, opt.prompts, opt.negative_prompt, say_once)
+        watermark = Watermarker() if opt.watermark else None
+        if watermark is not None and not can_watermark(settings.width, settings.height):
+            say_once(f"notice: {settings.width}x{settings.height} images are below the 256x256 pixels the invisible "
+                     f"watermark needs; samples are saved without it")
+    for job in tqdm(my_jobs, desc="Sampling", disable=len(my_jobs) < 2 or not world.is_main):
+        group.check()
         images, flagged = pipe.generate(job.prompts, job.seeds, settings, posterior)
-        for image, prompt, seed, bad in zip(images, job.prompts, job.seeds, flagged):
+        for k, (image, prompt, seed, bad) in enumerate(zip(images, job.prompts, job.seeds, flagged), job.first):
             path = None
             if not opt.skip_save:
                 path = sample_writer.save(_finish(image, watermark), _parameters(pipe, settings, prompt, seed, bad))
@@ -371,12 +413,14 @@ def run(opt: RunOptions, say: Callable[[str], None] = _say) -> list[Path]:
             if bad:
                 say(f"safety checker: {path or 'the image'} (seed {seed}) was flagged and replaced by a black image")
             if not opt.skip_grid:
-                grid_images.append(image)
-    if grid_images:
-        grid = Image.fromarray(make_grid(grid_images, opt.n_rows if opt.n_rows > 0 else opt.n_samples))
+                grid_images.append((k, image))
+    everyone = group.finish(grid_images)  # rank 0: all processes' images, once all are done
+    if everyone and grid_writer is not None:
+        ordered = [image for _, image in sorted(everyone, key=lambda item: item[0])]
+        grid = Image.fromarray(make_grid(ordered, opt.n_rows if opt.n_rows > 0 else opt.n_samples))
         parameters = _parameters(pipe, settings, jobs[0].prompts[0], jobs[0].seeds[0], False)
         saved.append(grid_writer.save(_finish(grid, watermark), parameters))
-    say(f"Your samples are ready and waiting for you here: \n{outdir} \n \nEnjoy.")
+    say_once(f"Your samples are ready and waiting for you here: \n{outdir} \n \nEnjoy.")
     return saved
 
 
