@@ -29,7 +29,9 @@ from typing import Any, Iterator, Mapping
 from ldm.errors import DeviceError, InputError, LdmError
 
 TIMEOUT = timedelta(minutes=30)  # joining the group, store requests, and the least time to wait for slower peers
-POLL_SECONDS = 0.2
+POLL_SECONDS = 0.2  # how often a process that is done looks at the others
+HEARTBEAT_SECONDS = 5.0
+LOST_SECONDS = 90.0  # a peer whose heartbeat stops this long is lost (a long enough pause of the GIL is not)
 _INTERRUPTS = ("KeyboardInterrupt", "Terminated")  # Ctrl-C, and ldm.cli's SIGTERM/SIGHUP
 
 
@@ -96,12 +98,18 @@ def rank_device(name: str, world: World) -> str:
 
 
 class Group:
-    """The processes of one run: this one's :class:`World`, and (with several) the store and gloo group."""
+    """The processes of one run: this one's :class:`World`, and (with several) the store and gloo group.
+
+    Every process adds to its ``beat/<rank>`` counter in the store every :data:`HEARTBEAT_SECONDS` (from a
+    thread, so also while loading or sampling); a process waiting at the end takes a peer whose counter stops for
+    :data:`LOST_SECONDS` as lost (killed outright, or its machine gone), which no error of its own reports.
+    """
 
     def __init__(self, world: World, store: Any = None):
         self.world = world
         self._store = store
         self._started = time.monotonic()
+        self._stop_beating = threading.Event()
 
     @property
     def rank(self) -> int:
@@ -113,15 +121,17 @@ class Group:
 
     # ------------------------------------------------------------------ failures
     def peer_failure(self, include_stops: bool = True) -> str | None:
-        """``rank N failed: <its error>`` when another process recorded a failure (or, with ``include_stops``, was
-        interrupted); None while all are well."""
+        """``rank N failed: <its error>`` when another process recorded a failure (or, with ``include_stops``,
+        ``rank N was interrupted``); None while all are well."""
         if self._store is None or self._store.add("failures", 0) == 0:
             return None
         for rank in range(self.size):
-            for kind in ("failed",) + (("stopped",) if include_stops else ()):
-                key = f"{kind}/{rank}"
-                if rank != self.rank and self._store.check([key]):
-                    return f"rank {rank} {kind}: {self._store.get(key).decode('utf-8', 'replace')}"
+            if rank == self.rank:
+                continue
+            if self._store.check([f"failed/{rank}"]):
+                return f"rank {rank} failed: {self._store.get(f'failed/{rank}').decode('utf-8', 'replace')}"
+            if include_stops and self._store.check([f"stopped/{rank}"]):
+                return f"rank {rank} was interrupted"
         return None
 
     def check(self) -> None:
@@ -131,8 +141,7 @@ class Group:
         try:
             failure = self.peer_failure()
         except (RuntimeError, OSError) as err:  # the store is gone: its host (torchrun of node 0) stopped
-            raise DistributedError(f"lost contact with the other processes of the run ({_first_line(err)}); "
-                                   f"see the errors of the other processes") from None
+            raise _lost_contact(err) from None
         if failure is not None:
             raise DistributedError(f"{failure}; this process stops too")
 
@@ -140,15 +149,72 @@ class Group:
         """Tell the other processes (best effort) that this one stops because of ``err``."""
         if self._store is None or isinstance(err, DistributedError):
             return  # a peer's failure: the peer recorded it
-        kind = "stopped" if type(err).__name__ in _INTERRUPTS else "failed"
-        message = "was interrupted" if kind == "stopped" else error_line(err)
+        interrupted = type(err).__name__ in _INTERRUPTS
         try:
-            self._store.set(f"{kind}/{self.rank}", message.encode("utf-8"))
+            if interrupted:
+                self._store.set(f"stopped/{self.rank}", b"1")
+            else:
+                self._store.set(f"failed/{self.rank}", error_line(err).encode("utf-8"))
             self._store.add("failures", 1)
         except (RuntimeError, OSError):
             pass
 
+    # ------------------------------------------------------------------ liveness
+    def start_heartbeat(self) -> None:
+        """Beat in the store from a daemon thread until :meth:`stop_heartbeat`."""
+        def beat() -> None:
+            while True:
+                try:
+                    self._store.add(f"beat/{self.rank}", 1)
+                except (RuntimeError, OSError):
+                    return  # the store is gone: the main thread finds out by itself
+                if self._stop_beating.wait(HEARTBEAT_SECONDS):
+                    return
+
+        threading.Thread(target=beat, name="ldm-heartbeat", daemon=True).start()
+
+    def stop_heartbeat(self) -> None:
+        self._stop_beating.set()
+
     # ------------------------------------------------------------------ the end
+    def wait_for_all(self) -> None:
+        """Say this process is done, and wait until every process is (raising :class:`DistributedError` when one
+        failed, stopped, was lost, or is still not done ``max(TIMEOUT, this process's run time)`` later)."""
+        store = self._store
+        try:
+            store.set(f"done/{self.rank}", b"1")
+            store.add("done", 1)
+        except (RuntimeError, OSError) as err:
+            raise _lost_contact(err) from None
+        limit = max(TIMEOUT.total_seconds(), time.monotonic() - self._started)  # a hung (alive) peer
+        deadline = time.monotonic() + limit
+        beats: dict[int, tuple[int, float]] = {}  # rank -> (last counter seen, when it changed)
+        next_liveness = 0.0
+        while True:
+            self.check()
+            now = time.monotonic()
+            try:
+                if store.add("done", 0) >= self.size:
+                    return
+                waiting = [r for r in range(self.size) if not store.check([f"done/{r}"])]
+                if now >= next_liveness:
+                    next_liveness = now + HEARTBEAT_SECONDS
+                    for rank in waiting:
+                        count = store.add(f"beat/{rank}", 0)
+                        if rank not in beats or beats[rank][0] != count:
+                            beats[rank] = (count, now)
+            except (RuntimeError, OSError) as err:
+                raise _lost_contact(err) from None
+            lost = [r for r in waiting if r in beats and now - beats[r][1] > LOST_SECONDS]
+            if lost:
+                raise DistributedError(f"rank {_names(lost)} stopped without an error before finishing its images "
+                                       f"(no sign of life for {LOST_SECONDS:.0f} s: killed, or its machine was "
+                                       f"lost); see torchrun's messages on its machine")
+            if now > deadline:
+                raise DistributedError(f"rank {_names(waiting)} did not finish within {limit / 60:.0f} minutes "
+                                       f"after this process (rank {self.rank}) did; it is stuck")
+            time.sleep(POLL_SECONDS)
+
     def finish(self, items: list) -> list | None:
         """Wait until every process has finished its share, then gather everyone's ``items`` on rank 0 (in rank
         order; None on the other ranks). A single process gets its ``items`` back."""
@@ -156,26 +222,7 @@ class Group:
             return items
         import torch.distributed as dist
 
-        self._store.set(f"done/{self.rank}", b"1")
-        self._store.add("done", 1)
-        own_work = time.monotonic() - self._started
-        limit = max(TIMEOUT.total_seconds(), own_work)  # peers may be slower, but not by more than that
-        deadline = time.monotonic() + limit
-        while True:
-            self.check()
-            try:
-                done = self._store.add("done", 0)
-            except (RuntimeError, OSError) as err:
-                raise DistributedError(f"lost contact with the other processes of the run ({_first_line(err)}); "
-                                       f"see their errors") from None
-            if done >= self.size:
-                break
-            if time.monotonic() > deadline:
-                late = [str(r) for r in range(self.size) if not self._store.check([f"done/{r}"])]
-                raise DistributedError(f"rank {', '.join(late)} did not finish within {limit / 60:.0f} minutes "
-                                       f"after this process (rank {self.rank}); a process is stuck or its machine "
-                                       f"was lost")
-            time.sleep(POLL_SECONDS)
+        self.wait_for_all()
         gathered = [None] * self.size if self.world.is_main else None
         try:
             dist.gather_object(items, gathered, dst=0)
@@ -184,6 +231,15 @@ class Group:
             raise DistributedError(f"gathering the grid images failed ({_first_line(err)}); see the errors of the "
                                    f"other processes") from None
         return None if gathered is None else [item for part in gathered for item in part]
+
+
+def _names(ranks: list[int]) -> str:
+    return ", ".join(map(str, ranks))
+
+
+def _lost_contact(err: BaseException) -> DistributedError:
+    return DistributedError(f"lost contact with the other processes of the run ({_first_line(err)}): torchrun on "
+                            f"the machine of rank 0, which keeps their store, has stopped; see the errors there")
 
 
 def error_line(err: BaseException) -> str:
@@ -234,7 +290,9 @@ def _connect(world: World, environ: Mapping[str, str], timeout: timedelta) -> Gr
                                f"check torchrun's --rdzv_endpoint / --master_addr") from None
     # keys of this attempt only: torchrun --max-restarts keeps the store across restarts
     attempt = environ.get("TORCHELASTIC_RESTART_COUNT", "0")
-    return Group(world, dist.PrefixStore(f"ldm/run/{attempt}", store))
+    group = Group(world, dist.PrefixStore(f"ldm/run/{attempt}", store))
+    group.start_heartbeat()
+    return group
 
 
 @contextmanager
@@ -270,6 +328,7 @@ def join(environ: Mapping[str, str] = os.environ, timeout: timedelta = TIMEOUT) 
             raise err from None
         raise
     finally:
+        group.stop_heartbeat()
         try:
             dist.destroy_process_group()
         except (RuntimeError, ValueError, AssertionError):

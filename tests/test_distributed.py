@@ -13,11 +13,14 @@ import contextlib
 import importlib.util
 import io
 import os
+import re
 import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
+from datetime import timedelta
 from pathlib import Path
 
 import numpy as np
@@ -94,6 +97,99 @@ def test_torchrun_without_its_store_is_one_clear_error(tiny_ckpt, tiny_config_pa
                                          "set: start the processes with torchrun, which sets them")
 
 
+# ---------------------------------------------------------------------------------------------- waiting at the end
+@pytest.fixture
+def fast_clock(monkeypatch):
+    """Liveness and deadlines in fractions of a second instead of minutes."""
+    monkeypatch.setattr(distributed, "POLL_SECONDS", 0.01)
+    monkeypatch.setattr(distributed, "HEARTBEAT_SECONDS", 0.02)
+    monkeypatch.setattr(distributed, "LOST_SECONDS", 0.3)
+    monkeypatch.setattr(distributed, "TIMEOUT", timedelta(seconds=0.5))
+
+
+def rank_0_of_2() -> tuple[distributed.Group, torch.distributed.Store]:
+    store = torch.distributed.HashStore()
+    return distributed.Group(distributed.World(0, 2), store), store
+
+
+def beating(store, rank: int, stop: threading.Event) -> threading.Thread:
+    def beat():
+        while not stop.wait(0.01):
+            store.add(f"beat/{rank}", 1)
+    thread = threading.Thread(target=beat, daemon=True)
+    thread.start()
+    return thread
+
+
+def test_waiting_ends_when_all_are_done(fast_clock):
+    group, store = rank_0_of_2()
+    store.set("done/1", b"1")
+    store.add("done", 1)
+    group.wait_for_all()
+    assert store.add("done", 0) == 2
+
+
+def test_waiting_stops_at_a_recorded_failure_or_interrupt(fast_clock):
+    group, store = rank_0_of_2()
+    store.set("failed/1", b"cannot write the sample: disk full")
+    store.add("failures", 1)
+    with pytest.raises(distributed.DistributedError, match="^rank 1 failed: cannot write the sample: disk full; "
+                                                           "this process stops too$"):
+        group.wait_for_all()
+    group, store = rank_0_of_2()
+    store.set("stopped/1", b"1")
+    store.add("failures", 1)
+    with pytest.raises(distributed.DistributedError, match="^rank 1 was interrupted; this process stops too$"):
+        group.check()
+
+
+def test_a_silent_peer_is_lost_and_a_live_one_waited_for(fast_clock, monkeypatch):
+    group, store = rank_0_of_2()  # rank 1 never beats: killed outright
+    start = time.monotonic()
+    with pytest.raises(distributed.DistributedError, match="^rank 1 stopped without an error before finishing"):
+        group.wait_for_all()
+    assert time.monotonic() - start >= 0.3  # after LOST_SECONDS (and before the deadline: the message)
+    monkeypatch.setattr(distributed, "TIMEOUT", timedelta(seconds=1.0))
+    group, store = rank_0_of_2()
+    stop = threading.Event()
+    beating(store, 1, stop)  # alive, but never done: hung
+    try:
+        with pytest.raises(distributed.DistributedError, match="^rank 1 did not finish within 0 minutes after "
+                                                               "this process"):
+            group.wait_for_all()
+        assert time.monotonic() - start >= 1.0
+    finally:
+        stop.set()
+
+
+def test_a_live_peer_that_finishes_late_is_waited_for(fast_clock, monkeypatch):
+    monkeypatch.setattr(distributed, "TIMEOUT", timedelta(seconds=30))
+    group, store = rank_0_of_2()
+    stop = threading.Event()
+    beating(store, 1, stop)
+
+    def finish_later():
+        time.sleep(0.4)  # longer than LOST_SECONDS: only the heartbeat keeps it in the run
+        store.set("done/1", b"1")
+        store.add("done", 1)
+        stop.set()
+    threading.Thread(target=finish_later, daemon=True).start()
+    group.wait_for_all()
+    assert store.add("done", 0) == 2
+
+
+def test_heartbeat_counts_until_stopped(fast_clock):
+    group, store = rank_0_of_2()
+    group.start_heartbeat()
+    time.sleep(0.2)
+    group.stop_heartbeat()
+    time.sleep(0.05)
+    count = store.add("beat/0", 0)
+    assert count >= 3
+    time.sleep(0.1)
+    assert store.add("beat/0", 0) == count
+
+
 # ---------------------------------------------------------------------------------------------- helpers
 def model_flags(ckpt, config) -> list[str]:
     return ["--ckpt", str(ckpt), "--config", str(config), "--device", "cpu", "--safety_checker", "off",
@@ -160,7 +256,9 @@ def grid_pixels(outdir: Path) -> np.ndarray:
 
 
 def worker_errors(stderr: str) -> list[str]:
-    return [line for line in stderr.splitlines() if line.startswith(("txt2img.py: ", "img2img.py: "))]
+    """The scripts' own lines in torchrun's stderr (rank 0's progress bar may run into them; torchrun's summary
+    repeats them after ``traceback :``)."""
+    return re.findall(r"(?<!traceback : )(?:txt2img|img2img)\.py: [^\r\n]*", stderr)
 
 
 FAILING = """\
