@@ -55,20 +55,22 @@ class World:
 
 def detect(environ: Mapping[str, str] = os.environ) -> World:
     """The :class:`World` that torchrun's ``RANK``, ``WORLD_SIZE`` and ``LOCAL_RANK`` describe (one process
-    when ``WORLD_SIZE`` is unset)."""
-    if "WORLD_SIZE" not in environ:
+    when ``WORLD_SIZE`` is unset or 1)."""
+    size = environ.get("WORLD_SIZE")
+    if size is None or size.strip() == "1":
         return World()
     values = {}
-    for name, default in (("WORLD_SIZE", None), ("RANK", None), ("LOCAL_RANK", environ.get("RANK"))):
-        text = environ.get(name, default)
+    for name, text in (("WORLD_SIZE", size), ("RANK", environ.get("RANK")),
+                       ("LOCAL_RANK", environ.get("LOCAL_RANK", environ.get("RANK")))):
         if text is None or not text.strip().isdigit():
-            raise InputError(f"environment variable {name} is {text!r}, not a number: start several processes with "
-                             f"torchrun (or unset WORLD_SIZE for one process)")
+            state = "not set" if text is None else f"{text!r}, not a number"
+            raise InputError(f"environment variable {name} is {state} (WORLD_SIZE is {size!r}): start several "
+                             f"processes with torchrun, or unset WORLD_SIZE for one process")
         values[name] = int(text)
     world = World(values["RANK"], values["WORLD_SIZE"], values["LOCAL_RANK"])
     if world.size < 1 or world.rank >= world.size:
         raise InputError(f"RANK {world.rank} does not fit WORLD_SIZE {world.size}: start several processes with "
-                         f"torchrun (or unset WORLD_SIZE for one process)")
+                         f"torchrun, or unset WORLD_SIZE for one process")
     return world
 
 

@@ -315,8 +315,9 @@ def img2img_steps(strength: float, steps: int) -> int:
 
 
 def load_pipeline(config: str | Path, ckpt: str | Path, device: str = "auto", precision: str = "autocast",
-                  safety_checker: str = "off", say: Callable[[str], None] = _say) -> Pipeline:
-    """Load the model of ``config``/``ckpt`` on ``device`` at ``precision``, and the safety checker."""
+                  safety_checker: str = "off", say: Callable[[str], None] = _say, verbose: bool = True) -> Pipeline:
+    """Load the model of ``config``/``ckpt`` on ``device`` at ``precision``, and the safety checker
+    (``verbose``: print the checkpoint's step and loading notes)."""
     from ldm.safety import load_safety_checker
 
     torch_device = resolve_device(device)
@@ -326,7 +327,7 @@ def load_pipeline(config: str | Path, ckpt: str | Path, device: str = "auto", pr
     model_hash = ModelHash(ckpt)
     say(f"Loading model from {ckpt}")
     try:
-        model = load_model_from_config(config_obj, ckpt, device=torch_device, dtype=prec.weight_dtype, verbose=True)
+        model = load_model_from_config(config_obj, ckpt, device=torch_device, dtype=prec.weight_dtype, verbose=verbose)
     except CheckpointError:
         raise
     except (ImportError, AttributeError, KeyError, TypeError, ValueError, FileNotFoundError) as err:

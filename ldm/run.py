@@ -395,7 +395,8 @@ def _run(opt: RunOptions, group: distributed.Group, say: Callable[[str], None]) 
     grid_images: list[tuple[int, np.ndarray]] = []
     pipe = settings = watermark = posterior = None
     if my_jobs:
-        pipe = load_pipeline(opt.config, opt.ckpt, opt.device, opt.precision, opt.safety_checker, say_once)
+        pipe = load_pipeline(opt.config, opt.ckpt, opt.device, opt.precision, opt.safety_checker, say_once,
+                             verbose=world.is_main)
         settings, posterior = prepare(pipe, opt, say_once)
         _warn_long_prompts(pipe, opt.prompts, opt.negative_prompt, say_once)
         watermark = Watermarker() if opt.watermark else None
