@@ -7,11 +7,12 @@ process and nothing here touches torch.distributed. With more, each process take
 device (:func:`rank_device`), and :meth:`Group.finish` waits for the others and hands every process's grid images
 to rank 0.
 
-Generation exchanges no tensors, so the process group is always gloo, even on GPUs: the only collective is the
-gather of the uint8 grid images, which live on the CPU, and gloo notices a dead peer (a closed socket) at once
-where NCCL waits for its timeout. A process that fails records its one-line error in the store (the others stop
-at their next batch with ``rank N failed: ...``, on every machine) and in torchrun's error file (torchrun's
-summary then shows that line instead of "To enable traceback see ...").
+The processes coordinate through torchrun's key-value store: a process that fails records its one-line error
+there (the others stop before their next batch with ``rank N failed: ...``, on every machine) and in torchrun's
+error file (torchrun's summary then shows that line instead of "To enable traceback see ..."); each one beats a
+heartbeat there and says when it is done. Generation exchanges no tensors, so the process group is always gloo,
+even on GPUs: its only collective is the gather of the uint8 grid images, which live on the CPU, and gloo
+notices a dead peer (a closed socket) at once where NCCL waits for its timeout.
 """
 from __future__ import annotations
 
@@ -28,7 +29,7 @@ from typing import Any, Iterator, Mapping
 
 from ldm.errors import DeviceError, InputError, LdmError
 
-TIMEOUT = timedelta(minutes=30)  # joining the group, store requests, and the least time to wait for slower peers
+TIMEOUT = timedelta(minutes=30)  # joining the group, a store request, the least wait for a hung peer
 POLL_SECONDS = 0.2  # how often a process that is done looks at the others
 HEARTBEAT_SECONDS = 5.0
 LOST_SECONDS = 90.0  # a peer whose heartbeat stops this long is lost (a long enough pause of the GIL is not)
