@@ -535,6 +535,7 @@ def main() -> None:
     parser.add_argument("--big-steps", type=int, default=2)
     parser.add_argument("--big-precision", default="bf16")
     parser.add_argument("--device", default="cpu", help="cpu, or cuda (fp16 in place of fp32/bf16)")
+    parser.add_argument("--precisions", default="full,bf16", help="end-to-end precisions on CPU")
     parser.add_argument("--no-original", dest="original", action="store_false")
     parser.add_argument("--quick", action="store_true", help="256x256, 2 steps, 1 round: a smoke test")
     parser.add_argument("--workdir", type=Path, default=Path(os.environ.get("TMPDIR", "/tmp")) / "ldm-benchmark")
@@ -575,7 +576,7 @@ def main() -> None:
         results["peaks"] = {d: matmul_peak(d) for d in ("float32", "bfloat16")}
     if "e2e" in parts:
         results["e2e"] = {}
-        for precision in (["full", "bf16"] if args.device == "cpu" else ["fp16"]):
+        for precision in (args.precisions.split(",") if args.device == "cpu" else ["fp16"]):
             print(f"e2e {precision} ...", flush=True)
             results["e2e"][precision] = e2e(args, paths, precision)
     if "big" in parts:
