@@ -28,6 +28,8 @@ from PIL import Image
 from ldm.checkpoint import CheckpointError, load_model_from_config
 from ldm.errors import DeviceError, InputError, LdmError, ModelNotFoundError
 from ldm.output import ModelHash
+from ldm.precision import cpu_has_native_bf16, decode_first_stage, tune_cpu_allocator
+from ldm.tiling import decode_needs_tiling, tiled_decode, tiled_encode
 
 DEFAULT_CONFIG = "configs/stable-diffusion/v1-inference.yaml"
 DEFAULT_CKPT = "models/ldm/stable-diffusion-v1/model.ckpt"
@@ -42,6 +44,7 @@ SAMPLERS = {
     "dpm_solver": ("ldm.models.diffusion.dpm_solver", "DPMSolverSampler", "DPM-Solver++"),
 }
 PRECISIONS = ("full", "autocast", "bf16", "fp16")
+ENCODE_TILE_ABOVE = 1024 * 1024  # init images with more pixels are encoded in tiles
 DEVICES = ("auto", "cpu", "cuda", "mps")
 
 
@@ -77,15 +80,6 @@ def resolve_device(name: str = "auto") -> torch.device:
     return device
 
 
-def cpu_has_native_bf16() -> bool:
-    """Whether this CPU computes bfloat16 in hardware (AVX512-BF16 or AMX)."""
-    checks = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
-    try:
-        return any(bool(getattr(torch.cpu, name)()) for name in checks if hasattr(torch.cpu, name))
-    except RuntimeError:
-        return False
-
-
 @dataclass(frozen=True)
 class Precision:
     """How the model computes: weights dtype, and the autocast dtype (None: no autocast)."""
@@ -108,15 +102,16 @@ class Precision:
 
 
 def resolve_precision(name: str, device: torch.device) -> Precision:
-    """``full``: float32; ``autocast``: float32 weights under autocast (fp16 on CUDA, bf16 on a CPU with native
-    bf16, else plain float32); ``bf16``/``fp16``: weights cast to that dtype, computed under autocast."""
+    """``full``: float32; ``autocast``: fp16 autocast over float32 weights on CUDA (as the original), bfloat16
+    weights and compute on a CPU with native bf16 (faster there than float32 weights under autocast, and half
+    the memory), else plain float32; ``bf16``/``fp16``: weights cast to that dtype, computed under autocast."""
     if name == "full":
         return Precision(name, torch.float32, None)
     if name == "autocast":
         if device.type == "cuda":
             return Precision(name, torch.float32, torch.float16)
         if device.type == "cpu" and cpu_has_native_bf16():
-            return Precision(name, torch.float32, torch.bfloat16)
+            return Precision(name, torch.bfloat16, torch.bfloat16)
         return Precision(name, torch.float32, None)
     if name == "bf16":
         if device.type == "cuda" and not torch.cuda.is_bf16_supported():
@@ -231,8 +226,10 @@ class Pipeline:
         return [torch.stack(b).to(self.device) for b in batches]
 
     def decode(self, latents: torch.Tensor) -> np.ndarray:
-        """Latents (B, C, h, w) -> uint8 images (B, H, W, 3)."""
-        return to_uint8(self.model.decode_first_stage(latents))
+        """Latents (B, C, h, w) -> uint8 images (B, H, W, 3); tiled when an untiled decode would not fit in
+        memory, redone in float32 when a reduced-precision decode overflows."""
+        tiled = (lambda z: tiled_decode(self.model, z)) if decode_needs_tiling(latents) else None
+        return to_uint8(decode_first_stage(self.model, latents, decode=tiled))
 
     def check_safety(self, images: np.ndarray) -> list[bool]:
         """Flags of the safety checker for uint8 images (B, H, W, 3); all False without a checker."""
@@ -253,8 +250,11 @@ class Pipeline:
         return samples
 
     def encode_init(self, image: torch.Tensor):
-        """Init image (1, 3, H, W) in [-1, 1] -> the first stage's posterior."""
-        return self.model.encode_first_stage(image.to(self.device, self.precision.weight_dtype))
+        """Init image (1, 3, H, W) in [-1, 1] -> the first stage's posterior (tiled for large images)."""
+        image = image.to(self.device, self.precision.weight_dtype)
+        if image.shape[2] * image.shape[3] > ENCODE_TILE_ABOVE:
+            return tiled_encode(self.model, image)
+        return self.model.encode_first_stage(image)
 
     def img2img_latents(self, prompts: Sequence[str], seeds: Sequence[int], posterior,
                         settings: Settings) -> torch.Tensor:
@@ -289,7 +289,7 @@ class Pipeline:
             parts = [self.generate([p], [s], settings, posterior, per_image=False) for p, s in zip(prompts, seeds)]
             return np.concatenate([images for images, _ in parts]), [f for _, flags in parts for f in flags]
         torch.manual_seed(int(seeds[0]))  # for samplers that draw noise while sampling (eta > 0)
-        with torch.no_grad(), self.precision.context(self.device), self.model.ema_scope():
+        with torch.no_grad(), self.precision.context(self.device):
             if posterior is None:
                 latents = self.txt2img_latents(prompts, seeds, settings)
             else:
@@ -333,5 +333,11 @@ def load_pipeline(config: str | Path, ckpt: str | Path, device: str = "auto", pr
     except (ImportError, AttributeError, KeyError, TypeError, ValueError, FileNotFoundError) as err:
         first = str(err).splitlines()[0] if str(err) else type(err).__name__
         raise InputError(f"cannot build the model of config {config}: {first}") from None
+    if getattr(model, "use_ema", False):  # inference only needs the EMA weights: swap them in once
+        model.model_ema.copy_to(model.model)
+        model.use_ema = False
+        del model.model_ema
+    if torch_device.type == "cpu":
+        tune_cpu_allocator()
     checker = load_safety_checker(safety_checker, torch_device, warn=say)
     return Pipeline(model, torch_device, prec, checker, Path(ckpt).resolve().stem, model_hash)

@@ -114,7 +114,7 @@ def test_precision_choices(monkeypatch):
     assert resolve_precision("autocast", cuda).autocast_dtype == torch.float16
     assert resolve_precision("autocast", mps).autocast_dtype is None
     monkeypatch.setattr("ldm.pipeline.cpu_has_native_bf16", lambda: True)
-    assert resolve_precision("autocast", cpu) == Precision("autocast", torch.float32, torch.bfloat16)
+    assert resolve_precision("autocast", cpu) == Precision("autocast", torch.bfloat16, torch.bfloat16)
     monkeypatch.setattr("ldm.pipeline.cpu_has_native_bf16", lambda: False)
     assert resolve_precision("autocast", cpu).autocast_dtype is None
     assert resolve_precision("bf16", cpu) == Precision("bf16", torch.bfloat16, torch.bfloat16)
@@ -281,3 +281,35 @@ def test_truncated_image(tmp_path):
 def test_missing_image(tmp_path):
     with pytest.raises(InputError, match="not found"):
         open_image(tmp_path / "nope.png")
+
+
+# ---------------------------------------------------------------------------------------------- loading, decode
+def test_ema_checkpoint_runs_on_its_ema_weights(tmp_path, tiny_io):
+    """With use_ema: True the pipeline samples with the EMA weights (swapped in once, training copy dropped)."""
+    from omegaconf import OmegaConf
+
+    from ldm.pipeline import load_pipeline
+    from tests.conftest import tiny_config, tiny_ema_state_dict, tiny_state_dict
+
+    config = tiny_config()
+    config.model.params.use_ema = True
+    OmegaConf.save(config, tmp_path / "ema.yaml")
+    torch.save({"state_dict": {**tiny_state_dict(), **tiny_ema_state_dict()}}, tmp_path / "full.ckpt")
+    loaded = load_pipeline(tmp_path / "ema.yaml", tmp_path / "full.ckpt", device="cpu", precision="full",
+                           say=lambda _: None)
+    weight = loaded.model.model.diffusion_model.input_blocks[0][0].weight
+    assert torch.equal(weight, tiny_ema_state_dict()["model_ema.diffusion_modelinput_blocks00weight"].float())
+    assert not hasattr(loaded.model, "model_ema")
+
+
+def test_decode_tiles_when_memory_is_short(pipe, tiny_io, monkeypatch):
+    """The tiled path is taken when an untiled decode would not fit (the tiles themselves: tests/test_tiling.py)."""
+    calls = []
+    monkeypatch.setattr("ldm.pipeline.decode_needs_tiling", lambda z: True)
+    monkeypatch.setattr("ldm.pipeline.tiled_decode",
+                        lambda model, z: calls.append(z.shape) or model.decode_first_stage(z))
+    with torch.no_grad():
+        images = pipe.decode(tiny_io["z_scaled"])
+    assert calls == [tiny_io["z_scaled"].shape]
+    expected = to_uint8(tiny_io["decoded"])
+    assert np.abs(images.astype(int) - expected.astype(int)).max() <= 1
