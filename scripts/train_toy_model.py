@@ -84,7 +84,7 @@ def export(ldm_run: Path, out_dir: Path) -> None:
     ckpt_path, config_path = out_dir / "model.ckpt", out_dir / "config.yaml"
     torch.save({"state_dict": half, "global_step": int(extras.get("global_step", 0))}, ckpt_path)
     header = ("# Inference config of the toy-shapes model (made by scripts/train_toy_model.py).\n"
-              "# Run from the repository root: the CLIP text config folder below is a relative path.\n")
+              "# The CLIP text config folder below is relative to the project root.\n")
     config_path.write_text(header + OmegaConf.to_yaml(config))
     load_model_from_config(config, ckpt_path)  # strict: fails loudly if the export does not fit its config
     print(f"exported {ckpt_path} ({ckpt_path.stat().st_size / 2 ** 20:.1f} MiB, "

@@ -164,3 +164,14 @@ def test_default_clip_embedder_builds_offline_from_code():
     assert config.hidden_act == "quick_gelu" and config.max_position_embeddings == 77
     with pytest.raises(FileNotFoundError, match="never downloaded"):
         FrozenCLIPEmbedder(version="someone/some-clip-model")
+
+
+def test_clip_folder_of_a_shipped_config_is_found_from_any_working_directory(tmp_path, monkeypatch):
+    """models/ldm/toy-shapes/config.yaml names its CLIP folder relative to the project root."""
+    from ldm.modules.encoders.modules import FrozenCLIPEmbedder
+
+    monkeypatch.chdir(tmp_path)
+    embedder = FrozenCLIPEmbedder(version="models/ldm/toy-shapes/clip", max_length=16)
+    assert embedder.transformer.config.hidden_size == 32
+    with pytest.raises(FileNotFoundError, match="never downloaded"):
+        FrozenCLIPEmbedder(version="models/ldm/no-such-model/clip")

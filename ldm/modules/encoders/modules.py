@@ -80,8 +80,15 @@ class SpatialRescaler(nn.Module):
         return self(x)
 
 
+PROJECT_ROOT = Path(__file__).resolve().parents[3]
+
+
 def _local_folder(version: str) -> Path | None:
+    """``version`` as a folder: as given, or (a relative path, as in the configs shipped under ``models/``)
+    relative to the project root, so the scripts work from any working directory."""
     path = Path(os.path.expanduser(version))
+    if not path.is_dir() and not path.is_absolute() and (PROJECT_ROOT / path).is_dir():
+        path = PROJECT_ROOT / path
     return path if path.is_dir() else None
 
 
