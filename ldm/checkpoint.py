@@ -14,6 +14,7 @@
 from __future__ import annotations
 
 import ctypes
+import itertools
 import json
 import mmap
 import os
@@ -26,6 +27,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator, Mapping
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -280,16 +282,18 @@ def match_state_dict(expected: Mapping[str, torch.Tensor], state_dict: Mapping[s
     return sd, notes
 
 
-def _file_mappings(paths: tuple[str, ...]) -> list[tuple[int, int]]:
-    """Address ranges of this process's private mappings of ``paths`` (Linux; empty elsewhere)."""
-    if not paths or not sys.platform.startswith("linux"):
+def _file_mappings(paths: tuple[str, ...] | None) -> list[tuple[int, int]]:
+    """Address ranges of this process's private mappings of ``paths``, or of any file when ``paths`` is None
+    (Linux; empty elsewhere)."""
+    if paths == () or not sys.platform.startswith("linux"):
         return []
     ranges = []
     try:
         with open("/proc/self/maps") as maps:
             for line in maps:
                 fields = line.split(maxsplit=5)
-                if len(fields) == 6 and fields[1].endswith("p") and fields[5].strip() in paths:
+                name = fields[5].strip() if len(fields) == 6 else ""
+                if fields[1].endswith("p") and (name in paths if paths else name.startswith("/")):
                     lo, hi = fields[0].split("-")
                     ranges.append((int(lo, 16), int(hi, 16)))
     except OSError:
@@ -310,9 +314,7 @@ class _PageReleaser:
         self.madvise = None
         if self.ranges:
             try:
-                libc = ctypes.CDLL(None, use_errno=True)
-                self.madvise = libc.madvise
-                self.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+                self.madvise = _libc_madvise()
             except (OSError, AttributeError):
                 self.ranges = []
 
@@ -327,6 +329,64 @@ class _PageReleaser:
         first, last = -(-lo // page) * page, hi // page * page
         if last > first:
             self.madvise(first, last - first, mmap.MADV_DONTNEED)
+
+
+def _libc_madvise():
+    libc = ctypes.CDLL(None, use_errno=True)
+    madvise = libc.madvise
+    madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+    return madvise
+
+
+def release_file_pages(module: nn.Module) -> int:
+    """Hand the memory-mapped checkpoint pages under ``module``'s CPU tensors back to the page cache; returns
+    the bytes released from this process (Linux; 0 elsewhere).
+
+    Weights loaded memory-mapped (float32 ``.ckpt``) stay in the file's pages. A model part that is not needed
+    for a while (the UNet while the autoencoder decodes) need not count in the process's memory: its clean pages
+    are dropped (``MADV_DONTNEED``) and fault back in from the page cache (or the file) when next used. Only
+    pages that ``/proc/self/pagemap`` shows as unmodified file pages are dropped, so a weight written after
+    loading (an anonymous copy-on-write page) keeps its value; dropping a clean page can never change a value.
+    """
+    ranges = _file_mappings(None)
+    if not ranges:
+        return 0
+    storages = {}
+    for t in itertools.chain(module.parameters(), module.buffers()):
+        if t.device.type == "cpu":
+            storage = t.untyped_storage()
+            storages[storage.data_ptr()] = storage.nbytes()
+    page = mmap.PAGESIZE
+    released = 0
+    try:
+        madvise = _libc_madvise()
+        pagemap = os.open("/proc/self/pagemap", os.O_RDONLY)
+    except (OSError, AttributeError):
+        return 0
+    try:
+        for lo, size in storages.items():
+            span = next(((a, b) for a, b in ranges if a <= lo < b), None)
+            if span is None or size == 0:
+                continue
+            first, last = lo // page * page, min(-(-(lo + size) // page) * page, span[1])
+            n = (last - first) // page
+            entries = np.frombuffer(os.pread(pagemap, 8 * n, first // page * 8), dtype=np.uint64)
+            if len(entries) != n:
+                continue
+            present, swapped, file_page = ((entries >> np.uint64(b)) & np.uint64(1) for b in (63, 62, 61))
+            keep = ((present == 1) & (file_page == 0)) | (swapped == 1)  # written after mapping: not the file's
+            droppable = np.flatnonzero(~keep & (present == 1))
+            if droppable.size == 0:
+                continue
+            # runs of consecutive droppable pages, one madvise each
+            breaks = np.flatnonzero(np.diff(droppable) != 1)
+            for start, stop in zip(np.r_[0, breaks + 1], np.r_[breaks, droppable.size - 1]):
+                a, b = first + int(droppable[start]) * page, first + (int(droppable[stop]) + 1) * page
+                if madvise(a, b - a, mmap.MADV_DONTNEED) == 0:
+                    released += b - a
+    finally:
+        os.close(pagemap)
+    return released
 
 
 def _is_kernel(t: torch.Tensor) -> bool:

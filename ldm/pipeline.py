@@ -25,7 +25,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from ldm.checkpoint import CheckpointError, load_model_from_config
+from ldm.checkpoint import CheckpointError, load_model_from_config, release_file_pages
 from ldm.errors import DeviceError, InputError, LdmError, ModelNotFoundError
 from ldm.output import ModelHash
 from ldm.precision import cpu_has_native_bf16, decode_first_stage, tune_cpu_allocator
@@ -213,7 +213,15 @@ class Pipeline:
         if scale != 1.0:
             uc = self.model.get_learned_conditioning(len(prompts) * [negative_prompt])
         c = self.model.get_learned_conditioning(list(prompts))
+        self.set_aside(self.model.cond_stage_model)
         return c, uc
+
+    def set_aside(self, part: torch.nn.Module) -> None:
+        """On the CPU, hand the memory-mapped weights of a model part that is done for now back to the page
+        cache (see :func:`ldm.checkpoint.release_file_pages`): the UNet does not count in the process's memory
+        while the autoencoder decodes, nor the autoencoder while the UNet samples. They fault back in when used."""
+        if self.device.type == "cpu":
+            release_file_pages(part)
 
     def noise(self, seeds: Sequence[int], shape: Sequence[int], draws: int = 1) -> list[torch.Tensor]:
         """For each seed, ``draws`` standard normal tensors of ``shape`` from a CPU generator -> ``draws`` batches
@@ -294,7 +302,9 @@ class Pipeline:
                 latents = self.txt2img_latents(prompts, seeds, settings)
             else:
                 latents = self.img2img_latents(prompts, seeds, posterior, settings)
+            self.set_aside(self.model.model)
             images = self.decode(latents)
+            self.set_aside(self.model.first_stage_model)
         flagged = self.check_safety(images)
         for i, bad in enumerate(flagged):
             if bad:
@@ -334,7 +344,11 @@ def load_pipeline(config: str | Path, ckpt: str | Path, device: str = "auto", pr
         first = str(err).splitlines()[0] if str(err) else type(err).__name__
         raise InputError(f"cannot build the model of config {config}: {first}") from None
     if getattr(model, "use_ema", False):  # inference only needs the EMA weights: swap them in once
-        model.model_ema.copy_to(model.model)
+        ema = model.model_ema
+        shadow = dict(ema.named_buffers())
+        for name, param in model.model.named_parameters():
+            if name in ema.m_name2s_name:  # the EMA tensor itself, no copy: it stays in the file's pages
+                param.data = shadow[ema.m_name2s_name[name]]
         model.use_ema = False
         del model.model_ema
     if torch_device.type == "cpu":

@@ -10,7 +10,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from ldm.checkpoint import CheckpointError, load_model_from_config, read_checkpoint
+from ldm.checkpoint import CheckpointError, load_model_from_config, read_checkpoint, release_file_pages
 from tests.conftest import tiny_config, tiny_ema_state_dict, tiny_state_dict
 
 
@@ -218,3 +218,19 @@ def test_checkpoint_zip_written_by_torch_is_memory_mapped(tiny_ckpt):
             ranges.append((start, end))
     pointers = [t.data_ptr() for t in state_dict.values()]
     assert ranges and all(any(a <= p < b for a, b in ranges) for p in pointers)
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/pagemap"), reason="needs Linux /proc")
+def test_released_weight_pages_fault_back_with_their_values(tiny_ckpt, tiny_io):
+    """Setting a part aside drops its clean file pages; a weight changed after loading keeps its change."""
+    model = load(tiny_ckpt)
+    changed = model.model.diffusion_model.out[2].weight
+    with torch.no_grad():
+        changed.add_(0.5)  # written after loading: a private copy of those pages, which must survive
+    expected_weight = changed.detach().clone()
+    before = unet_output(model, tiny_io)  # touches every UNet page
+    released = release_file_pages(model.model)
+    assert released > 1 << 20, f"only {released} bytes released"
+    assert torch.equal(changed, expected_weight)
+    assert torch.equal(unet_output(model, tiny_io), before)
+    assert release_file_pages(torch.nn.Linear(3, 3)) == 0  # ordinary memory is never touched
