@@ -5,6 +5,7 @@ tests/fixtures/REFERENCE.md); nothing there comes from this code.
 """
 from __future__ import annotations
 
+import signal
 from pathlib import Path
 
 import pytest
@@ -13,6 +14,14 @@ from omegaconf import OmegaConf
 from safetensors.torch import load_file
 
 FIXTURES = Path(__file__).parent / "fixtures"
+
+# The interrupt tests send SIGINT, SIGTERM and SIGHUP to the scripts. A shell that starts pytest in the background
+# (`nohup`, `&`) makes it ignore SIGINT or SIGHUP, and ignored signals stay ignored in every child process.
+if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+for _name in ("SIGTERM", "SIGHUP"):
+    if hasattr(signal, _name) and signal.getsignal(getattr(signal, _name)) is signal.SIG_IGN:
+        signal.signal(getattr(signal, _name), signal.SIG_DFL)
 TINY = FIXTURES / "tiny"
 PROMPTS = ["a red circle on a blue background", "a photograph of an astronaut riding a horse"]
 
