@@ -78,3 +78,12 @@ def tiny_model(tiny_ckpt):
     from ldm.checkpoint import load_model_from_config
 
     return load_model_from_config(tiny_config(), tiny_ckpt)
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """The tiny model gains nothing from threads, and on a shared CPU idle OpenMP threads spin."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -16,13 +16,7 @@ from tests.conftest import PROMPTS, assert_matches_reference
 FULL = Precision("full", torch.float32, None)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """The tiny model gains nothing from threads, and on a shared CPU idle OpenMP threads spin."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

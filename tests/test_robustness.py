@@ -46,13 +46,7 @@ SMALL = ["--H", "64", "--W", "64", "--ddim_steps", "2", "--n_iter", "1", "--n_sa
          "off"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """The tiny model gains nothing from threads, and on a shared CPU idle OpenMP threads spin."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def assert_one_line(code: int, err: str, expected: str, out: str = "") -> None:
@@ -726,7 +720,10 @@ def test_memory_estimate_is_small_at_the_default_size():
 
 
 # ---------------------------------------------------------------------------------------------- nothing lost
-def test_sigterm_stops_a_real_run_cleanly(tiny_ckpt, tiny_config_path, tmp_path):
+@pytest.mark.parametrize("signum, code, says", [(signal.SIGTERM, 143, "terminated"),
+                                               (signal.SIGINT, 130, "interrupted")])
+def test_a_signal_stops_a_real_run_cleanly(signum, code, says, tiny_ckpt, tiny_config_path, tmp_path):
+    """SIGTERM or Ctrl-C in the middle of a run: one line, its exit code, whole images, no temporary file, no grid."""
     outdir = tmp_path / "out"
     proc = start(script("txt2img") + model_flags(tiny_ckpt, tiny_config_path) + [
         "--H", "64", "--W", "64", "--ddim_steps", "2", "--n_samples", "1", "--n_iter", "500",
@@ -734,15 +731,16 @@ def test_sigterm_stops_a_real_run_cleanly(tiny_ckpt, tiny_config_path, tmp_path)
     deadline = time.time() + 180
     while time.time() < deadline and len(list((outdir / "samples").glob("*.png"))) < 2:
         time.sleep(0.05)
-    proc.send_signal(signal.SIGTERM)
+    proc.send_signal(signum)
     out, err = proc.communicate(timeout=120)
-    assert proc.returncode == 143, err
-    assert "Traceback" not in err and err.strip().splitlines()[-1].endswith("terminated; the images saved so far "
-                                                                           "are complete")
+    assert proc.returncode == code, err
+    assert "Traceback" not in err
+    assert err.strip().splitlines()[-1].endswith(f"{says}; the images saved so far are complete")
     samples = sorted((outdir / "samples").iterdir())
     assert len(samples) >= 2 and temp_files(outdir) == []
     for path in samples:
         assert pixels(path).shape == (64, 64, 3)
+    assert not list(outdir.glob("grid-*"))
 
 
 @pytest.mark.parametrize("signum, code", [(signal.SIGTERM, 143), (signal.SIGHUP, 129), (signal.SIGINT, 130)])
