@@ -301,15 +301,15 @@ def _file_mappings(paths: tuple[str, ...] | None) -> list[tuple[int, int]]:
     return ranges
 
 
-class _PageReleaser:
-    """Drops the pages of converted tensors from the process when they lie in a private map of the checkpoint.
+class _FilePages:
+    """This process's private mappings of ``paths`` (or of any file), whose clean pages can be dropped.
 
-    Those pages are clean file pages: if anything touched them again they would be read back from the file,
-    so releasing them can never change a value. Other memory (a caller's state dict) is left alone.
+    A page that ``/proc/self/pagemap`` shows as an unmodified file page is dropped with ``MADV_DONTNEED``; if it
+    is used again it faults back in from the page cache (or the file) with the same bytes, so dropping can never
+    change a value. A page written after mapping (a private copy) is kept. Linux only; elsewhere nothing happens.
     """
 
-    def __init__(self, path: str | Path | None):
-        paths = () if path is None else tuple({str(Path(path)), os.path.realpath(path)})
+    def __init__(self, paths: tuple[str, ...] | None = None):
         self.ranges = _file_mappings(paths)
         self.madvise = None
         if self.ranges:
@@ -318,17 +318,42 @@ class _PageReleaser:
             except (OSError, AttributeError):
                 self.ranges = []
 
-    def release(self, t: torch.Tensor) -> None:
-        if not self.ranges or t.device.type != "cpu" or not t.is_contiguous():
-            return
-        lo = t.data_ptr()
-        hi = lo + t.numel() * t.element_size()
-        if not any(a <= lo and hi <= b for a, b in self.ranges):
-            return
+    @classmethod
+    def of(cls, path: str | Path) -> _FilePages:
+        return cls(tuple({str(Path(path)), os.path.realpath(path)}))
+
+    def drop(self, lo: int, hi: int) -> int:
+        """Drop the clean pages under the bytes [lo, hi) of one mapping; returns the bytes dropped."""
+        span = next(((a, b) for a, b in self.ranges if a <= lo < b), None)
+        if span is None or hi <= lo:
+            return 0
         page = mmap.PAGESIZE
-        first, last = -(-lo // page) * page, hi // page * page
-        if last > first:
-            self.madvise(first, last - first, mmap.MADV_DONTNEED)
+        first, last = lo // page * page, min(-(-hi // page) * page, span[1])
+        n = (last - first) // page
+        try:
+            with open("/proc/self/pagemap", "rb", buffering=0) as pagemap:
+                entries = np.frombuffer(os.pread(pagemap.fileno(), 8 * n, first // page * 8), dtype=np.uint64)
+        except OSError:
+            return 0
+        if len(entries) != n:
+            return 0
+        present, file_page = ((entries >> np.uint64(bit)) & np.uint64(1) for bit in (63, 61))
+        droppable = np.flatnonzero((present == 1) & (file_page == 1))
+        dropped = 0
+        breaks = np.flatnonzero(np.diff(droppable) != 1)  # runs of consecutive pages, one madvise each
+        for start, stop in zip(np.r_[0, breaks + 1], np.r_[breaks, droppable.size - 1]) if droppable.size else ():
+            a, b = first + int(droppable[start]) * page, first + (int(droppable[stop]) + 1) * page
+            if self.madvise(a, b - a, mmap.MADV_DONTNEED) == 0:
+                dropped += b - a
+        return dropped
+
+    def release(self, t: torch.Tensor) -> None:
+        """Drop the pages that lie wholly inside a tensor whose data is no longer needed (a converted source).
+        The pages it shares with its neighbours stay: faulting one back in would map its neighbours again."""
+        if t.device.type == "cpu" and t.is_contiguous():
+            page = mmap.PAGESIZE
+            lo, hi = t.data_ptr(), t.data_ptr() + t.numel() * t.element_size()
+            self.drop(-(-lo // page) * page, hi // page * page)
 
 
 def _libc_madvise():
@@ -344,49 +369,18 @@ def release_file_pages(module: nn.Module) -> int:
 
     Weights loaded memory-mapped (float32 ``.ckpt``) stay in the file's pages. A model part that is not needed
     for a while (the UNet while the autoencoder decodes) need not count in the process's memory: its clean pages
-    are dropped (``MADV_DONTNEED``) and fault back in from the page cache (or the file) when next used. Only
-    pages that ``/proc/self/pagemap`` shows as unmodified file pages are dropped, so a weight written after
-    loading (an anonymous copy-on-write page) keeps its value; dropping a clean page can never change a value.
+    are dropped and fault back in when next used. A weight written after loading keeps its value (see
+    :class:`_FilePages`).
     """
-    ranges = _file_mappings(None)
-    if not ranges:
+    pages = _FilePages()
+    if not pages.ranges:
         return 0
     storages = {}
     for t in itertools.chain(module.parameters(), module.buffers()):
         if t.device.type == "cpu":
             storage = t.untyped_storage()
             storages[storage.data_ptr()] = storage.nbytes()
-    page = mmap.PAGESIZE
-    released = 0
-    try:
-        madvise = _libc_madvise()
-        pagemap = os.open("/proc/self/pagemap", os.O_RDONLY)
-    except (OSError, AttributeError):
-        return 0
-    try:
-        for lo, size in storages.items():
-            span = next(((a, b) for a, b in ranges if a <= lo < b), None)
-            if span is None or size == 0:
-                continue
-            first, last = lo // page * page, min(-(-(lo + size) // page) * page, span[1])
-            n = (last - first) // page
-            entries = np.frombuffer(os.pread(pagemap, 8 * n, first // page * 8), dtype=np.uint64)
-            if len(entries) != n:
-                continue
-            present, swapped, file_page = ((entries >> np.uint64(b)) & np.uint64(1) for b in (63, 62, 61))
-            keep = ((present == 1) & (file_page == 0)) | (swapped == 1)  # written after mapping: not the file's
-            droppable = np.flatnonzero(~keep & (present == 1))
-            if droppable.size == 0:
-                continue
-            # runs of consecutive droppable pages, one madvise each
-            breaks = np.flatnonzero(np.diff(droppable) != 1)
-            for start, stop in zip(np.r_[0, breaks + 1], np.r_[breaks, droppable.size - 1]):
-                a, b = first + int(droppable[start]) * page, first + (int(droppable[stop]) + 1) * page
-                if madvise(a, b - a, mmap.MADV_DONTNEED) == 0:
-                    released += b - a
-    finally:
-        os.close(pagemap)
-    return released
+    return sum(pages.drop(lo, lo + size) for lo, size in storages.items())
 
 
 def _is_kernel(t: torch.Tensor) -> bool:
@@ -395,7 +389,7 @@ def _is_kernel(t: torch.Tensor) -> bool:
 
 def _cast_like(sd: dict[str, torch.Tensor], expected: Mapping[str, torch.Tensor], dtype: torch.dtype | None,
                memory_format: torch.memory_format = torch.preserve_format,
-               release: _PageReleaser | None = None) -> dict[str, torch.Tensor]:
+               release: _FilePages | None = None) -> dict[str, torch.Tensor]:
     """Give each tensor the model's dtype (or ``dtype`` for floating module weights) and, for convolution
     kernels, ``memory_format``; one tensor at a time, releasing the file pages of each converted source."""
     for key in list(sd):
@@ -426,7 +420,7 @@ def load_weights_into(module: nn.Module, source: str | Path | Mapping[str, torch
     """
     name = name or (str(source) if isinstance(source, (str, Path)) else "state dict")
     if isinstance(source, (str, Path)):
-        state_dict, release = read_state_dict(source), _PageReleaser(source)
+        state_dict, release = read_state_dict(source), _FilePages.of(source)
     else:
         state_dict, release = dict(source), None
     return _load(module, state_dict, name, ignore_prefixes, optional_prefixes, dtype, memory_format, assign,
@@ -435,7 +429,7 @@ def load_weights_into(module: nn.Module, source: str | Path | Mapping[str, torch
 
 def _load(module: nn.Module, state_dict: dict[str, torch.Tensor], name: str, ignore_prefixes: tuple[str, ...],
           optional_prefixes: tuple[str, ...], dtype: torch.dtype | None, memory_format: torch.memory_format,
-          assign: bool, verbose: bool, release: _PageReleaser | None) -> list[str]:
+          assign: bool, verbose: bool, release: _FilePages | None) -> list[str]:
     expected = module.state_dict(keep_vars=True)
     sd, notes = match_state_dict(expected, state_dict, name, ignore_prefixes, optional_prefixes)
     state_dict.clear()
@@ -492,6 +486,6 @@ def load_model_from_config(config: Any, ckpt: str | Path | None, *, device: str 
         print(f"Global Step: {extras['global_step']}")
     with parameters_on_meta():
         model = instantiate_from_config(model_config)
-    _load(model, state_dict, str(ckpt), (), (), dtype, memory_format, True, True, _PageReleaser(ckpt))
+    _load(model, state_dict, str(ckpt), (), (), dtype, memory_format, True, True, _FilePages.of(ckpt))
     del state_dict
     return model.eval().to(device)

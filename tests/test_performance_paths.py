@@ -178,7 +178,7 @@ def test_casting_releases_the_checkpoint_pages(tmp_path):
            for k, v in tiny_state_dict().items()}
     path = tmp_path / "model.safetensors"
     save_file(big, path)  # a file of its own: pages only this test touches
-    from ldm.checkpoint import _cast_like, _PageReleaser, read_state_dict
+    from ldm.checkpoint import _cast_like, _FilePages, read_state_dict
 
     sd = read_state_dict(path)
     expected = {k: torch.empty(v.shape, dtype=torch.float32, device="meta") for k, v in sd.items()}
@@ -186,7 +186,7 @@ def test_casting_releases_the_checkpoint_pages(tmp_path):
     for t in sd.values():  # fault every page in, as casting does
         t.sum()
     assert _mapping_rss_kb(path) > 0.9 * size_kb
-    _cast_like(sd, expected, torch.bfloat16, release=_PageReleaser(path))
+    _cast_like(sd, expected, torch.bfloat16, release=_FilePages.of(path))
     assert _mapping_rss_kb(path) < 0.1 * size_kb
     torch.testing.assert_close(sd["model.diffusion_model.out.2.weight"].float(),
                                big["model.diffusion_model.out.2.weight"].bfloat16().float())
