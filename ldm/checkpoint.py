@@ -32,7 +32,7 @@ import torch
 from torch import nn
 
 from ldm.errors import LdmError
-from ldm.precision import preferred_memory_format
+from ldm.precision import is_conv_kernel, preferred_memory_format
 from ldm.util import instantiate_from_config
 
 # Keys found in real SD v1 checkpoints that the model does not define (transformers < 5 saved CLIP's
@@ -383,10 +383,6 @@ def release_file_pages(module: nn.Module) -> int:
     return sum(pages.drop(lo, lo + size) for lo, size in storages.items())
 
 
-def _is_kernel(t: torch.Tensor) -> bool:
-    return t.dim() == 4 and t.shape[2] * t.shape[3] > 1
-
-
 def _cast_like(sd: dict[str, torch.Tensor], expected: Mapping[str, torch.Tensor], dtype: torch.dtype | None,
                memory_format: torch.memory_format = torch.preserve_format,
                release: _FilePages | None = None) -> dict[str, torch.Tensor]:
@@ -400,7 +396,7 @@ def _cast_like(sd: dict[str, torch.Tensor], expected: Mapping[str, torch.Tensor]
             want = dtype
         else:
             want = target.dtype
-        fmt = memory_format if _is_kernel(value) and memory_format != torch.preserve_format else None
+        fmt = memory_format if is_conv_kernel(value) and memory_format != torch.preserve_format else None
         if value.dtype == want and (fmt is None or value.is_contiguous(memory_format=fmt)):
             continue
         sd[key] = value.to(want, memory_format=fmt or torch.preserve_format, copy=True)

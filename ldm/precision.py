@@ -37,10 +37,15 @@ def memory_format_of(t: torch.Tensor) -> torch.memory_format:
     return torch.contiguous_format
 
 
+def is_conv_kernel(t: torch.Tensor) -> bool:
+    """A 4-D weight with a kernel larger than 1x1: the tensors whose layout (memory format) matters."""
+    return t.dim() == 4 and t.shape[2] * t.shape[3] > 1
+
+
 def module_memory_format(module: nn.Module) -> torch.memory_format:
     """The memory format of the first 4-D weight with a non-trivial kernel in ``module`` (its convolutions')."""
     for p in module.parameters():
-        if p.dim() == 4 and p.shape[2] * p.shape[3] > 1 and p.device.type != "meta":
+        if is_conv_kernel(p) and p.device.type != "meta":
             return memory_format_of(p)
     return torch.contiguous_format
 
