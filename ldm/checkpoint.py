@@ -385,15 +385,16 @@ def release_file_pages(module: nn.Module) -> int:
 
 def _cast_like(sd: dict[str, torch.Tensor], expected: Mapping[str, torch.Tensor], dtype: torch.dtype | None,
                memory_format: torch.memory_format = torch.preserve_format,
-               release: _FilePages | None = None) -> dict[str, torch.Tensor]:
-    """Give each tensor the model's dtype (or ``dtype`` for floating module weights) and, for convolution
-    kernels, ``memory_format``; one tensor at a time, releasing the file pages of each converted source."""
+               release: _FilePages | None = None, as_stored: bool = False) -> dict[str, torch.Tensor]:
+    """Give each tensor the model's dtype (or ``dtype`` for floating module weights, or with ``as_stored`` the
+    dtype it has in the file) and, for convolution kernels, ``memory_format``; one tensor at a time, releasing
+    the file pages of each converted source."""
     for key in list(sd):
         value, target = sd[key], expected[key]
         if not value.is_floating_point() or not target.is_floating_point():
             want = target.dtype
-        elif dtype is not None and "." in key:  # module weights; schedule buffers (no dot) stay float32
-            want = dtype
+        elif "." in key and (as_stored or dtype is not None):  # module weights; schedules (no dot) stay float32
+            want = value.dtype if as_stored else dtype
         else:
             want = target.dtype
         fmt = memory_format if is_conv_kernel(value) and memory_format != torch.preserve_format else None
@@ -425,11 +426,11 @@ def load_weights_into(module: nn.Module, source: str | Path | Mapping[str, torch
 
 def _load(module: nn.Module, state_dict: dict[str, torch.Tensor], name: str, ignore_prefixes: tuple[str, ...],
           optional_prefixes: tuple[str, ...], dtype: torch.dtype | None, memory_format: torch.memory_format,
-          assign: bool, verbose: bool, release: _FilePages | None) -> list[str]:
+          assign: bool, verbose: bool, release: _FilePages | None, as_stored: bool = False) -> list[str]:
     expected = module.state_dict(keep_vars=True)
     sd, notes = match_state_dict(expected, state_dict, name, ignore_prefixes, optional_prefixes)
     state_dict.clear()
-    sd = _cast_like(sd, expected, dtype, memory_format, release)
+    sd = _cast_like(sd, expected, dtype, memory_format, release, as_stored)
     module.load_state_dict(sd, strict=True, assign=assign)
     if verbose:
         for note in notes:
@@ -460,16 +461,20 @@ def parameters_on_meta() -> Iterator[None]:
 
 def load_model_from_config(config: Any, ckpt: str | Path | None, *, device: str | torch.device = "cpu",
                            dtype: torch.dtype | None = None, verbose: bool = False,
-                           memory_format: torch.memory_format | None = None) -> nn.Module:
+                           memory_format: torch.memory_format | None = None, as_stored: bool = False) -> nn.Module:
     """Build ``config.model`` and load ``ckpt`` into it; returns the model in eval mode on ``device``.
 
     ``config`` is the whole OmegaConf config (with a ``model`` entry) or the model entry itself.
     ``dtype`` (e.g. ``torch.bfloat16``) casts the module weights while loading; schedule buffers stay float32.
     ``memory_format`` of the convolution kernels defaults to the faster one for ``device`` and ``dtype``
     (:func:`ldm.precision.preferred_memory_format`); the UNet and the autoencoder compute in their kernels'
-    format. Without ``ckpt`` the model keeps its random initialisation.
+    format. ``as_stored`` keeps every module weight as the file stores it (dtype and layout, memory-mapped,
+    nothing converted; :class:`ldm.residency.PartWeights` converts a part when it is used).
+    Without ``ckpt`` the model keeps its random initialisation.
     """
     model_config = config.model if "model" in config else config
+    if as_stored:
+        dtype, memory_format = None, torch.preserve_format
     if memory_format is None:
         memory_format = preferred_memory_format(device, dtype)
     if ckpt is None:
@@ -482,6 +487,6 @@ def load_model_from_config(config: Any, ckpt: str | Path | None, *, device: str 
         print(f"Global Step: {extras['global_step']}")
     with parameters_on_meta():
         model = instantiate_from_config(model_config)
-    _load(model, state_dict, str(ckpt), (), (), dtype, memory_format, True, True, _FilePages.of(ckpt))
+    _load(model, state_dict, str(ckpt), (), (), dtype, memory_format, True, True, _FilePages.of(ckpt), as_stored)
     del state_dict
     return model.eval().to(device)

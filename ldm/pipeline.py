@@ -28,7 +28,8 @@ from PIL import Image
 from ldm.checkpoint import CheckpointError, load_model_from_config, release_file_pages
 from ldm.errors import DeviceError, InputError, LdmError, ModelNotFoundError
 from ldm.output import ModelHash
-from ldm.precision import cpu_has_native_bf16, decode_first_stage, tune_cpu_allocator
+from ldm.precision import cpu_has_native_bf16, decode_first_stage, preferred_memory_format, tune_cpu_allocator
+from ldm.residency import PartWeights
 from ldm.tiling import decode_needs_tiling, tiled_decode, tiled_encode
 
 DEFAULT_CONFIG = "configs/stable-diffusion/v1-inference.yaml"
@@ -170,7 +171,13 @@ class Settings:
 
 @dataclass
 class Pipeline:
-    """A loaded model on its device, with its precision and optional safety checker."""
+    """A loaded model on its device, with its precision and optional safety checker.
+
+    ``part_weights`` (set by :func:`load_pipeline` on the CPU): the text encoder, UNet and autoencoder hold
+    their compute weights only while in use (see :mod:`ldm.residency`); the pipeline's methods call
+    :meth:`use` and :meth:`set_aside`. Code that calls ``pipe.model`` directly gets correct results either way,
+    from the stored weights (e.g. float32 under a bf16 autocast) where a part is set aside.
+    """
 
     model: torch.nn.Module
     device: torch.device
@@ -178,6 +185,7 @@ class Pipeline:
     safety_checker: torch.nn.Module | None = None
     model_name: str = ""
     model_hash: ModelHash = field(default_factory=lambda: ModelHash(None))
+    part_weights: list[PartWeights] = field(default_factory=list)
 
     # ------------------------------------------------------------------ geometry
     @property
@@ -209,18 +217,30 @@ class Pipeline:
 
     def conditioning(self, prompts: Sequence[str], negative_prompt: str, scale: float):
         """(cond, uncond) for a batch; uncond is None when ``scale`` is 1 (no unconditional pass)."""
+        self.use(self.model.cond_stage_model)
         uc = None
         if scale != 1.0:
             uc = self.model.get_learned_conditioning(len(prompts) * [negative_prompt])
         c = self.model.get_learned_conditioning(list(prompts))
-        self.set_aside(self.model.cond_stage_model)
         return c, uc
 
+    def _weights_of(self, part: torch.nn.Module) -> PartWeights | None:
+        return next((w for w in self.part_weights if w.part is part), None)
+
+    def use(self, part: torch.nn.Module) -> None:
+        """Give a model part its compute weights (a no-op where it always holds them)."""
+        weights = self._weights_of(part)
+        if weights is not None:
+            weights.use()
+
     def set_aside(self, part: torch.nn.Module) -> None:
-        """On the CPU, hand the memory-mapped weights of a model part that is done for now back to the page
-        cache (see :func:`ldm.checkpoint.release_file_pages`): the UNet does not count in the process's memory
-        while the autoencoder decodes, nor the autoencoder while the UNet samples. They fault back in when used."""
-        if self.device.type == "cpu":
+        """On the CPU, let go of the weights of a model part that is done for now: converted copies are freed
+        and memory-mapped file pages go back to the page cache, so the UNet does not count in the process's
+        memory while the autoencoder decodes, nor the autoencoder while the UNet samples."""
+        weights = self._weights_of(part)
+        if weights is not None:
+            weights.set_aside()
+        elif self.device.type == "cpu":
             release_file_pages(part)
 
     def noise(self, seeds: Sequence[int], shape: Sequence[int], draws: int = 1) -> list[torch.Tensor]:
@@ -236,6 +256,7 @@ class Pipeline:
     def decode(self, latents: torch.Tensor) -> np.ndarray:
         """Latents (B, C, h, w) -> uint8 images (B, H, W, 3); tiled when an untiled decode would not fit in
         memory, redone in float32 when a reduced-precision decode overflows."""
+        self.use(self.model.first_stage_model)
         tiled = (lambda z: tiled_decode(self.model, z)) if decode_needs_tiling(latents) else None
         return to_uint8(decode_first_stage(self.model, latents, decode=tiled))
 
@@ -246,11 +267,14 @@ class Pipeline:
         return self.safety_checker.check([Image.fromarray(image) for image in images])
 
     # ------------------------------------------------------------------ sampling
-    def txt2img_latents(self, prompts: Sequence[str], seeds: Sequence[int], settings: Settings) -> torch.Tensor:
-        """Sample latents (B, C, H/f, W/f) for ``prompts``, starting from the seeds' noise."""
+    def txt2img_latents(self, prompts: Sequence[str], seeds: Sequence[int], settings: Settings,
+                        conditioning: tuple | None = None) -> torch.Tensor:
+        """Sample latents (B, C, H/f, W/f) for ``prompts``, starting from the seeds' noise (``conditioning``:
+        the prompts' (cond, uncond) if already computed)."""
         shape = [settings.channels, settings.height // settings.factor, settings.width // settings.factor]
         (x_T,) = self.noise(seeds, shape)
-        c, uc = self.conditioning(prompts, settings.negative_prompt, settings.scale)
+        c, uc = conditioning or self.conditioning(prompts, settings.negative_prompt, settings.scale)
+        self.use(self.model.model)
         sampler = self.sampler(settings.sampler)
         samples, _ = sampler.sample(S=settings.steps, conditioning=c, batch_size=len(prompts), shape=shape,
                                     verbose=False, unconditional_guidance_scale=settings.scale,
@@ -260,19 +284,25 @@ class Pipeline:
     def encode_init(self, image: torch.Tensor):
         """Init image (1, 3, H, W) in [-1, 1] -> the first stage's posterior (tiled for large images)."""
         image = image.to(self.device, self.precision.weight_dtype)
+        self.use(self.model.first_stage_model)
         if image.shape[2] * image.shape[3] > ENCODE_TILE_ABOVE:
-            return tiled_encode(self.model, image)
-        return self.model.encode_first_stage(image)
+            posterior = tiled_encode(self.model, image)
+        else:
+            posterior = self.model.encode_first_stage(image)
+        self.set_aside(self.model.first_stage_model)
+        return posterior
 
     def img2img_latents(self, prompts: Sequence[str], seeds: Sequence[int], posterior,
-                        settings: Settings) -> torch.Tensor:
-        """Noise the init latent to ``t_enc = int(strength * steps)`` and denoise it back under ``prompts``."""
+                        settings: Settings, conditioning: tuple | None = None) -> torch.Tensor:
+        """Noise the init latent to ``t_enc = int(strength * steps)`` and denoise it back under ``prompts``
+        (``conditioning``: the prompts' (cond, uncond) if already computed)."""
         z_mean = posterior.mean
         noise, eps = self.noise(seeds, z_mean.shape[1:], draws=2)
         # one posterior sample per image, from its own seed (the original sampled the batch from the global RNG)
         z = z_mean.float() + posterior.std.float() * eps
         init_latent = self.model.get_first_stage_encoding(z)
-        c, uc = self.conditioning(prompts, settings.negative_prompt, settings.scale)
+        c, uc = conditioning or self.conditioning(prompts, settings.negative_prompt, settings.scale)
+        self.use(self.model.model)
         sampler = self.sampler(settings.sampler)
         t_enc = img2img_steps(settings.strength, settings.steps)
         if hasattr(sampler, "make_schedule"):
@@ -289,21 +319,25 @@ class Pipeline:
         ``posterior`` (from :meth:`encode_init`) switches to image-to-image. With ``per_image`` (the default)
         the images are computed one at a time, so each depends only on its prompt and seed and not on the rest
         of the batch (batched kernels round differently for other batch sizes); ``per_image=False`` runs the
-        batch at once, which is faster on GPUs.
+        batch at once, which is faster on GPUs. Each model part runs once for the whole batch: the text encoder
+        for every prompt, then the UNet for every image, then the autoencoder.
         """
         if len(prompts) != len(seeds):
             raise ValueError("one seed per prompt is needed")
-        if per_image and len(prompts) > 1:
-            parts = [self.generate([p], [s], settings, posterior, per_image=False) for p, s in zip(prompts, seeds)]
-            return np.concatenate([images for images, _ in parts]), [f for _, flags in parts for f in flags]
-        torch.manual_seed(int(seeds[0]))  # for samplers that draw noise while sampling (eta > 0)
+        groups = [([p], [s]) for p, s in zip(prompts, seeds)] if per_image else [(list(prompts), list(seeds))]
         with torch.no_grad(), self.precision.context(self.device):
-            if posterior is None:
-                latents = self.txt2img_latents(prompts, seeds, settings)
-            else:
-                latents = self.img2img_latents(prompts, seeds, posterior, settings)
+            conditionings = [self.conditioning(p, settings.negative_prompt, settings.scale) for p, _ in groups]
+            self.set_aside(self.model.cond_stage_model)
+            latents = []
+            for (group_prompts, group_seeds), conditioning in zip(groups, conditionings):
+                torch.manual_seed(int(group_seeds[0]))  # for samplers that draw noise while sampling (eta > 0)
+                if posterior is None:
+                    latents.append(self.txt2img_latents(group_prompts, group_seeds, settings, conditioning))
+                else:
+                    latents.append(self.img2img_latents(group_prompts, group_seeds, posterior, settings,
+                                                        conditioning))
             self.set_aside(self.model.model)
-            images = self.decode(latents)
+            images = np.concatenate([self.decode(z) for z in latents])
             self.set_aside(self.model.first_stage_model)
         flagged = self.check_safety(images)
         for i, bad in enumerate(flagged):
@@ -336,8 +370,10 @@ def load_pipeline(config: str | Path, ckpt: str | Path, device: str = "auto", pr
     config_obj = load_config(config)
     model_hash = ModelHash(ckpt)
     say(f"Loading model from {ckpt}")
+    on_demand = torch_device.type == "cpu"  # parts converted when used (ldm.residency); elsewhere all at once
     try:
-        model = load_model_from_config(config_obj, ckpt, device=torch_device, dtype=prec.weight_dtype, verbose=verbose)
+        model = load_model_from_config(config_obj, ckpt, device=torch_device, dtype=prec.weight_dtype, verbose=verbose,
+                                       as_stored=on_demand)
     except CheckpointError:
         raise
     except (ImportError, AttributeError, KeyError, TypeError, ValueError, FileNotFoundError) as err:
@@ -351,7 +387,11 @@ def load_pipeline(config: str | Path, ckpt: str | Path, device: str = "auto", pr
                 param.data = shadow[ema.m_name2s_name[name]]
         model.use_ema = False
         del model.model_ema
-    if torch_device.type == "cpu":
+    parts = []
+    if on_demand:
+        memory_format = preferred_memory_format(torch_device, prec.weight_dtype)
+        parts = [PartWeights(part, prec.weight_dtype, memory_format)
+                 for part in (model.cond_stage_model, model.model, model.first_stage_model)]
         tune_cpu_allocator()
     checker = load_safety_checker(safety_checker, torch_device, warn=say)
-    return Pipeline(model, torch_device, prec, checker, Path(ckpt).resolve().stem, model_hash)
+    return Pipeline(model, torch_device, prec, checker, Path(ckpt).resolve().stem, model_hash, parts)

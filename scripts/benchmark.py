@@ -15,7 +15,8 @@ the same weights are written once to ``--workdir``. diffusers is a benchmark-onl
 * ``vae``: one VAE decode (batch 1) in one process, alternating ours and diffusers' ``AutoencoderKL``.
 * ``e2e``: text-to-image (1 sample, ``--steps`` DDIM steps, guidance 7.5) in fresh processes, alternating
   ``ldm.pipeline`` from the ``.ckpt`` and ``StableDiffusionPipeline.from_pretrained`` from the folder; wall time
-  from interpreter start to decoded image, and the process's peak RSS (VmHWM).
+  from interpreter start to decoded image, and the process's peak RSS (VmHWM). In bf16, ours also runs from the
+  bf16 ``.safetensors`` (weights stored as computed).
 * ``load``: peak RSS of loading alone, per checkpoint format and weight dtype.
 * ``big``: a 1024x1024 text-to-image run of ours (peak RSS; ``--big-steps`` steps).
 
@@ -373,6 +374,8 @@ def e2e(args, paths, precision: str) -> dict[str, list[dict]]:
         common = [str(args.size), str(args.steps), precision, args.device]
         runs["ours"].append(run_child(["-c", ours_code, str(paths["ckpt"]), *common]))
         runs["diffusers"].append(run_child(["-c", theirs_code, str(paths["diffusers"]), *common]))
+        if precision == "bf16":  # ours also from weights stored in bf16 (scripts/convert_ckpt.py)
+            runs.setdefault("ours_bf16_file", []).append(run_child(["-c", ours_code, str(paths["bf16"]), *common]))
     return runs
 
 
@@ -436,6 +439,12 @@ def build_rows(results: dict) -> list[tuple]:
             rows.append((f"txt2img wall ({label})", med([r["wall"] for r in runs["ours"]]),
                          med([r["wall"] for r in runs["diffusers"]]), None, "s"))
             rows.append((f"txt2img peak RSS ({label})", max(r["rss"] for r in runs["ours"]) / GIB,
+                         max(r["rss"] for r in runs["diffusers"]) / GIB, None, "GB"))
+        if runs and runs.get("ours_bf16_file"):
+            file_runs = runs["ours_bf16_file"]
+            rows.append((f"txt2img wall ({label}, ours from bf16 file)", med([r["wall"] for r in file_runs]),
+                         med([r["wall"] for r in runs["diffusers"]]), None, "s"))
+            rows.append((f"txt2img peak RSS ({label}, ours from bf16 file)", max(r["rss"] for r in file_runs) / GIB,
                          max(r["rss"] for r in runs["diffusers"]) / GIB, None, "GB"))
     return rows
 
