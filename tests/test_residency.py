@@ -9,9 +9,9 @@ import torch
 
 from ldm.checkpoint import load_model_from_config
 from ldm.pipeline import Pipeline, Settings, load_pipeline, resolve_precision
-from ldm.precision import is_conv_kernel, tune_cpu_allocator
+from ldm.precision import Conv2d, is_conv_kernel, kernel_dtype, tune_cpu_allocator
 from ldm.residency import PartWeights
-from tests.conftest import tiny_config
+from tests.conftest import assert_matches_reference, tiny_config
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -27,20 +27,53 @@ def test_as_stored_loading_keeps_the_file_tensors(tiny_ckpt):
     assert model.alphas_cumprod.dtype == torch.float32
 
 
-def test_a_part_computes_in_its_dtype_and_layout_only_while_in_use(tiny_ckpt):
+def test_a_part_computes_in_its_dtype_and_layout_only_while_in_use(tiny_ckpt, tiny_io):
     _, unet = stored_unet(tiny_ckpt)
     stored = {name: p.data for name, p in unet.named_parameters()}
+    convs = [m for m in unet.modules() if isinstance(m, Conv2d) and is_conv_kernel(m.weight)]
     weights = PartWeights(unet, torch.bfloat16, torch.channels_last)
     for _ in range(2):  # a part can be used again after being set aside
         weights.use()
         for name, p in unet.named_parameters():
-            assert p.dtype == torch.bfloat16
-            assert torch.equal(p, stored[name].to(torch.bfloat16))
-            if is_conv_kernel(p):
-                assert p.is_contiguous(memory_format=torch.channels_last) and not p.is_contiguous()
+            if is_conv_kernel(p):  # kept as stored; the convolution computes from its own prepacked copy
+                assert p.data_ptr() == stored[name].data_ptr()
+            else:
+                assert p.dtype == torch.bfloat16 and torch.equal(p, stored[name].to(torch.bfloat16))
+        assert convs and all(c.compute == (torch.bfloat16, torch.channels_last) for c in convs)
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+            unet.diffusion_model(tiny_io["unet_x"], tiny_io["unet_t"], context=tiny_io["cond"])
+        assert all(c._packed is not None for c in convs)
         weights.set_aside()
+        assert all(c.compute is None and c._packed is None for c in convs)
         for name, p in unet.named_parameters():
             assert p.data_ptr() == stored[name].data_ptr() and p.dtype == torch.float32
+
+
+def test_prepacked_float32_convolutions_match_the_original(tiny_ckpt, tiny_io):
+    model = load_model_from_config(tiny_config(), tiny_ckpt, as_stored=True)
+    for part in (model.model, model.first_stage_model):
+        PartWeights(part, torch.float32, torch.contiguous_format).use()
+    with torch.no_grad():
+        eps = model.apply_model(tiny_io["unet_x"], tiny_io["unet_t"], tiny_io["cond"])
+        decoded = model.decode_first_stage(tiny_io["z_scaled"])
+    assert all(m._packed is not None for m in model.model.modules() if isinstance(m, Conv2d) and m.compute)
+    assert_matches_reference(eps, tiny_io["unet_eps"], "unet_eps")
+    assert_matches_reference(decoded, tiny_io["decoded"], "decoded")
+
+
+def test_prepacking_is_dropped_by_a_cast_and_never_used_with_autograd():
+    conv = Conv2d(4, 8, 3, padding=1)
+    x = torch.randn(1, 4, 8, 8)
+    expected = conv(x)
+    assert conv.prepack(torch.float32, torch.contiguous_format)
+    out = conv(x)  # autograd on: the plain convolution
+    assert conv._packed is None and out.requires_grad
+    with torch.no_grad():
+        torch.testing.assert_close(conv(x), expected.detach())
+    assert conv._packed is not None
+    conv.double()
+    assert conv.compute is None and conv._packed is None
+    assert not Conv2d(4, 8, 3, groups=2).prepack(torch.float32, torch.contiguous_format)
 
 
 def test_weights_that_need_no_conversion_are_not_copied(tiny_ckpt):
@@ -78,9 +111,12 @@ def test_cpu_pipeline_converts_each_part_while_it_runs_with_the_same_images(tiny
     model = pipe.model
     assert {p.dtype for p in model.parameters()} == {torch.float32}  # nothing converted at load
 
-    def dtypes():
-        return tuple(next(part.parameters()).dtype
-                     for part in (model.cond_stage_model, model.model, model.first_stage_model))
+    def dtypes():  # what each part computes in: its weights', its convolutions' prepacked kernels'
+        parts = (model.cond_stage_model, model.model, model.first_stage_model)
+        weights = tuple(next(p.dtype for p in part.parameters() if not is_conv_kernel(p)) for part in parts)
+        kernels = tuple(frozenset(kernel_dtype(c) for c in part.modules() if isinstance(c, Conv2d))
+                        for part in parts[1:])
+        return weights + kernels
 
     seen = {}
     for name in ("get_learned_conditioning", "apply_model", "decode_first_stage"):
@@ -92,9 +128,10 @@ def test_cpu_pipeline_converts_each_part_while_it_runs_with_the_same_images(tiny
         monkeypatch.setattr(model, name, spy)
     on_demand = generate(pipe)
     bf16, fp32 = torch.bfloat16, torch.float32
-    assert seen == {"get_learned_conditioning": {(bf16, fp32, fp32)}, "apply_model": {(fp32, bf16, fp32)},
-                    "decode_first_stage": {(fp32, fp32, bf16)}}
-    assert dtypes() == (fp32, fp32, fp32)
+    assert seen == {"get_learned_conditioning": {(bf16, fp32, fp32, frozenset({fp32}), frozenset({fp32}))},
+                    "apply_model": {(fp32, bf16, fp32, frozenset({bf16}), frozenset({fp32}))},
+                    "decode_first_stage": {(fp32, fp32, bf16, frozenset({fp32}), frozenset({bf16}))}}
+    assert dtypes() == (fp32, fp32, fp32, frozenset({fp32}), frozenset({fp32}))
     monkeypatch.undo()
 
     # the same model with every weight converted at load, as on CUDA

@@ -10,6 +10,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint as torch_checkpoint
 
+from ldm.precision import Conv2d
+
 
 def make_beta_schedule(schedule: str, n_timestep: int, linear_start: float = 1e-4,
                        linear_end: float = 2e-2, cosine_s: float = 8e-3) -> np.ndarray:
@@ -105,7 +107,7 @@ def conv_nd(dims: int, *args, **kwargs) -> nn.Module:
     if dims == 1:
         return nn.Conv1d(*args, **kwargs)
     if dims == 2:
-        return nn.Conv2d(*args, **kwargs)
+        return Conv2d(*args, **kwargs)
     if dims == 3:
         return nn.Conv3d(*args, **kwargs)
     raise ValueError(f"unsupported dimensions: {dims}")
