@@ -246,18 +246,40 @@ def _unet_rounds(args, paths, dtype) -> tuple[dict, float | None]:
     x = torch.randn(2, 4, latent, latent, generator=gen).to(device, dtype)
     context = torch.randn(2, 77, 768, generator=gen).to(device, dtype)
     t = torch.tensor([500, 500], device=device)
-    unet = load_model_from_config(OmegaConf.load(CONFIG), paths["ckpt"], dtype=dtype,
-                                  device=device).model.diffusion_model
+    unet = _ours(paths, dtype, device).model.diffusion_model
     theirs = _diffusers_components(paths["ckpt"], dtype)[0].to(device)
     fns = {"ours": lambda: (unet(x, t, context), _sync(device)),
            "diffusers": lambda: (theirs(x, t, encoder_hidden_states=context), _sync(device))}
-    if dtype == torch.float32 and args.original:
+    # the original's algorithm, and the FLOP count, on plain convolutions (prepacked ones are not counted)
+    plain = None
+    if dtype == torch.float32:
+        plain = load_model_from_config(OmegaConf.load(CONFIG), paths["ckpt"], device=device).model.diffusion_model
+    if plain is not None and args.original:
         def original():
             with original_algorithm():
-                unet(x, t, context)
+                plain(x, t, context)
         fns["original"] = original
     times = _alternate(fns, args.repeats)
-    return times, (unet_flops(unet, x, t, context) if dtype == torch.float32 else None)
+    return times, (unet_flops(plain, x, t, context) if plain is not None else None)
+
+
+def _ours(paths, dtype, device):
+    """Our model as the pipeline runs it: on the CPU loaded as stored, its UNet and autoencoder in use
+    (converted to ``dtype``, convolution kernels prepacked; see ldm.residency); elsewhere converted at load."""
+    import torch
+    from omegaconf import OmegaConf
+
+    from ldm.checkpoint import load_model_from_config
+    from ldm.precision import preferred_memory_format
+    from ldm.residency import PartWeights
+
+    on_cpu = torch.device(device).type == "cpu"
+    model = load_model_from_config(OmegaConf.load(CONFIG), paths["ckpt"], dtype=dtype, device=device,
+                                   as_stored=on_cpu)
+    if on_cpu:
+        for part in (model.model, model.first_stage_model):
+            PartWeights(part, dtype, preferred_memory_format(device, dtype)).use()
+    return model
 
 
 def unet_flops(unet, x, t, context) -> float:
@@ -283,14 +305,12 @@ def child_vae(args, paths) -> dict:
 
 def _vae_rounds(args, paths, dtype) -> dict:
     import torch
-    from omegaconf import OmegaConf
 
-    from ldm.checkpoint import load_model_from_config
 
     device = torch.device(args.device)
     latent = args.size // 8
     z = torch.randn(1, 4, latent, latent, generator=torch.Generator().manual_seed(0)).to(device, dtype)
-    ours = load_model_from_config(OmegaConf.load(CONFIG), paths["ckpt"], dtype=dtype, device=device)
+    ours = _ours(paths, dtype, device)
     theirs = _diffusers_components(paths["ckpt"], dtype)[1].to(device)
     scale = ours.scale_factor
     return _alternate({"ours": lambda: (ours.decode_first_stage(z), _sync(device)),
