@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import functools
 from contextlib import nullcontext
 from typing import Any, ContextManager
 
@@ -59,6 +60,7 @@ def kernel_dtype(conv: nn.Module) -> torch.dtype:
     return compute[0] if compute is not None else conv.weight.dtype
 
 
+_TRIM_AFTER_PACKING = 16 << 20  # bytes of kernel (float32 UNet: -0.15 GB peak RSS, under 0.1 s per batch)
 _HAS_PACKED_CONV = (torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_convolution_pointwise")
                     and hasattr(torch._C._nn, "mkldnn_reorder_conv2d_weight"))
 
@@ -104,6 +106,8 @@ class Conv2d(nn.Conv2d):
                 self.weight.detach().contiguous().to_mkldnn(dtype), list(self.padding), list(self.stride),
                 list(self.dilation), self.groups, list(x.shape))
             _release_pages(self.weight)
+            if self.weight.numel() * dtype.itemsize >= _TRIM_AFTER_PACKING:
+                return_freed_memory()  # the large copies made while packing, else the heap keeps them
         bias = None if self.bias is None else self.bias.to(dtype)
         return torch.ops.mkldnn._convolution_pointwise(x, self._packed, bias, list(self.padding), list(self.stride),
                                                        list(self.dilation), self.groups, "none", [], "")
@@ -216,11 +220,8 @@ def tune_cpu_allocator() -> bool:
     global _allocator_tuned
     if _allocator_tuned:
         return True
-    name = ctypes.util.find_library("c")
-    try:
-        libc = ctypes.CDLL(name or "libc.so.6")
-        mallopt = libc.mallopt
-    except (OSError, AttributeError):
+    mallopt = getattr(_libc(), "mallopt", None)
+    if mallopt is None:
         return False
     mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
     ok = bool(mallopt(_M_MMAP_MAX, 0)) and bool(mallopt(_M_TRIM_THRESHOLD, 2**31 - 1))
@@ -231,10 +232,18 @@ def tune_cpu_allocator() -> bool:
 def return_freed_memory() -> None:
     """Hand the C heap's free memory back to the system (glibc ``malloc_trim``; after a model part is set aside,
     since :func:`tune_cpu_allocator` keeps freed memory); a no-op elsewhere."""
+    malloc_trim = getattr(_libc(), "malloc_trim", None)
+    if malloc_trim is not None:
+        malloc_trim(0)
+
+
+@functools.cache
+def _libc() -> ctypes.CDLL | None:
+    """The C library, or None where it cannot be loaded."""
     try:
-        ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
+        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+    except OSError:
+        return None
 
 
 def decode_first_stage(model: Any, z: torch.Tensor, decode=None) -> torch.Tensor:
