@@ -69,7 +69,7 @@ class Conv2d(nn.Conv2d):
     """``torch.nn.Conv2d`` whose kernel can be kept prepacked in oneDNN's blocked layout for CPU inference.
 
     A plain convolution re-lays out its kernel into oneDNN's blocked layout on every call: a full-size copy of
-    the kernel per call (118 MB for the largest UNet kernel in float32) and about 5 % (float32) to 10 % (bf16)
+    the kernel per call (118 MB for the largest UNet kernel in float32) and 3-5 % (float32) to 9 % (bf16)
     of a UNet step on a 2-core CPU. When ``compute`` is set to ``(dtype, memory_format)`` (by
     :class:`ldm.residency.PartWeights`, on the CPU), the first call without autograd lays the kernel out once
     for its input's shape and keeps only that (the weight parameter stays as stored; its file pages are
