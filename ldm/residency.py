@@ -32,8 +32,7 @@ def _empty_mapped(shape: torch.Size, dtype: torch.dtype, memory_format: torch.me
     """An uninitialised tensor in an anonymous mapping of its own, unmapped when the tensor is freed (the tensor
     holds the mapping)."""
     numel = math.prod(shape)
-    itemsize = torch.empty((), dtype=dtype).element_size()
-    flat = torch.frombuffer(mmap.mmap(-1, max(numel * itemsize, 1), **_PRIVATE), dtype=dtype, count=numel)
+    flat = torch.frombuffer(mmap.mmap(-1, max(numel * dtype.itemsize, 1), **_PRIVATE), dtype=dtype, count=numel)
     if memory_format == torch.channels_last and len(shape) == 4:
         n, c, h, w = shape
         return flat.view(n, h, w, c).permute(0, 3, 1, 2)
