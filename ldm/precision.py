@@ -74,6 +74,9 @@ class Conv2d(nn.Conv2d):
     :class:`ldm.residency.PartWeights`, on the CPU), the first call without autograd lays the kernel out once
     for its input's shape and keeps only that (the weight parameter stays as stored; its file pages are
     dropped); later calls reuse it. Setting ``compute`` to None, or any ``.to()``/``.float()``, drops it.
+
+    ``forward(x, residual)`` returns ``conv(x) + residual`` (the UNet's residual blocks), on CPU inference with
+    the sum in the convolution's epilogue.
     """
 
     compute: tuple[torch.dtype, torch.memory_format] | None = None
@@ -82,12 +85,15 @@ class Conv2d(nn.Conv2d):
     def prepack(self, dtype: torch.dtype, memory_format: torch.memory_format) -> bool:
         """Compute with the kernel prepacked in ``dtype`` from the next call on; False where it cannot be."""
         self.release_packed()
-        if not (_HAS_PACKED_CONV and self.weight.device.type == "cpu" and self.padding_mode == "zeros"
-                and self.groups == 1 and isinstance(self.padding, tuple)
-                and dtype in (torch.float32, torch.bfloat16) and is_conv_kernel(self.weight)):
+        if not (self.weight.device.type == "cpu" and self._can_pack(dtype)):
             return False
         self.compute = (dtype, memory_format)
         return True
+
+    def _can_pack(self, dtype: torch.dtype) -> bool:
+        return (_HAS_PACKED_CONV and self.padding_mode == "zeros" and self.groups == 1
+                and isinstance(self.padding, tuple) and dtype in (torch.float32, torch.bfloat16)
+                and is_conv_kernel(self.weight))
 
     def release_packed(self) -> None:
         self.compute, self._packed = None, None
@@ -96,21 +102,51 @@ class Conv2d(nn.Conv2d):
         self.release_packed()  # the packed kernel is derived from the weight as it was
         return super()._apply(fn, recurse)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.compute is None or torch.is_grad_enabled() or x.device.type != "cpu":
-            return super().forward(x)
-        dtype, memory_format = self.compute
-        x = x.to(dtype)
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
+        """``conv(x)``, plus ``residual`` when given. On CPU inference in channels_last the sum is taken in the
+        convolution's epilogue (in bf16 rounded once), whether the kernel is prepacked or not."""
+        inference = not torch.is_grad_enabled() and x.device.type == "cpu" and _HAS_PACKED_CONV
+        if self.compute is not None and inference:
+            dtype = self.compute[0]
+            x, weight = x.to(dtype), self._packed_kernel(x)
+        elif (inference and residual is not None and self._can_pack(x.dtype) and x.dtype == self.weight.dtype
+              and _autocast_keeps(x.dtype) and _sum_fits(x, residual)
+              and residual.shape == self._output_shape(x)):
+            dtype, weight = x.dtype, self.weight
+        else:
+            y = super().forward(x)
+            return y if residual is None else y.add_(residual)
+        bias = None if self.bias is None else self.bias.to(dtype)
+        conv_args = (list(self.padding), list(self.stride), list(self.dilation), self.groups)
+        if (residual is not None and residual.dtype == dtype and _sum_fits(x, residual)
+                and residual.shape == self._output_shape(x)):
+            return torch.ops.mkldnn._convolution_pointwise.binary(x, residual, weight, bias, *conv_args,
+                                                                  "add", None, None, [], None)
+        y = torch.ops.mkldnn._convolution_pointwise(x, weight, bias, *conv_args, "none", [], "")
+        return y if residual is None else y.add_(residual)
+
+    def _output_shape(self, x: torch.Tensor) -> torch.Size:
+        size = [(n + 2 * p - d * (k - 1) - 1) // s + 1 for n, p, d, k, s
+                in zip(x.shape[2:], self.padding, self.dilation, self.kernel_size, self.stride)]
+        return torch.Size([x.shape[0], self.out_channels, *size])
+
+    def _packed_kernel(self, x: torch.Tensor) -> torch.Tensor:
+        """The kernel laid out for ``x``'s shape, packed at the first call."""
         if self._packed is None:
+            dtype = self.compute[0]
             self._packed = torch._C._nn.mkldnn_reorder_conv2d_weight(
                 self.weight.detach().contiguous().to_mkldnn(dtype), list(self.padding), list(self.stride),
                 list(self.dilation), self.groups, list(x.shape))
             _release_pages(self.weight)
             if self.weight.numel() * dtype.itemsize >= _TRIM_AFTER_PACKING:
                 return_freed_memory()  # the large copies made while packing, else the heap keeps them
-        bias = None if self.bias is None else self.bias.to(dtype)
-        return torch.ops.mkldnn._convolution_pointwise(x, self._packed, bias, list(self.padding), list(self.stride),
-                                                       list(self.dilation), self.groups, "none", [], "")
+        return self._packed
+
+
+def _sum_fits(x: torch.Tensor, residual: torch.Tensor) -> bool:
+    """Whether oneDNN can add ``residual`` in the epilogue of a convolution of ``x``: both channels_last (in the
+    plain layout oneDNN computes in a blocked one and the sum costs a re-layout)."""
+    return memory_format_of(x) == torch.channels_last and memory_format_of(residual) == torch.channels_last
 
 
 def _release_pages(t: torch.Tensor) -> None:
@@ -119,23 +155,36 @@ def _release_pages(t: torch.Tensor) -> None:
     _FilePages().release(t)
 
 
-def pointwise_conv(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
-    """``conv(x)`` for a 1x1 convolution; on a channels_last ``x`` it is one matmul over the channels
-    (``F.linear`` on the (B, H, W, C) view), which skips the convolution machinery. The result is channels_last.
+def pointwise_conv(conv: nn.Conv2d, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
+    """``conv(x)`` for a 1x1 convolution, plus ``residual`` when given. On a channels_last ``x`` it is one matmul
+    over the channels (on the (B, H, W, C) view; the sum in its epilogue where possible), which skips the
+    convolution machinery. The result is channels_last.
     """
     if (x.dim() != 4 or conv.kernel_size != (1, 1) or conv.stride != (1, 1) or conv.padding != (0, 0)
             or conv.groups != 1 or conv.dilation != (1, 1) or memory_format_of(x) != torch.channels_last):
-        return conv(x)
+        y = conv(x)
+        return y if residual is None else y.add_(residual)
     weight = conv.weight.reshape(conv.out_channels, conv.in_channels)
-    return F.linear(x.permute(0, 2, 3, 1), weight, conv.bias).permute(0, 3, 1, 2)
+    tokens = x.permute(0, 2, 3, 1)
+    if residual is None:
+        return F.linear(tokens, weight, conv.bias).permute(0, 3, 1, 2)
+    if (_fused_cpu_ok(tokens, weight) and residual.dtype == x.dtype and _sum_fits(x, residual)
+            and residual.shape == (x.shape[0], conv.out_channels, *x.shape[2:])):
+        sum_in = residual.permute(0, 2, 3, 1)
+        return torch.ops.mkldnn._linear_pointwise.binary(tokens, sum_in, weight, conv.bias, "add").permute(0, 3, 1, 2)
+    return F.linear(tokens, weight, conv.bias).permute(0, 3, 1, 2).add_(residual)
 
 
 def _fused_cpu_ok(x: torch.Tensor, weight: torch.Tensor) -> bool:
     """Whether oneDNN's fused linear ops apply: CPU inference without autograd, float32 or bf16 input and weight
     of one dtype, and no autocast to another dtype."""
     return (x.device.type == "cpu" and x.dtype == weight.dtype and x.dtype in (torch.float32, torch.bfloat16)
-            and not torch.is_grad_enabled() and _HAS_FUSED_LINEAR
-            and (not torch.is_autocast_enabled("cpu") or torch.get_autocast_dtype("cpu") == x.dtype))
+            and not torch.is_grad_enabled() and _HAS_FUSED_LINEAR and _autocast_keeps(x.dtype))
+
+
+def _autocast_keeps(dtype: torch.dtype) -> bool:
+    """Whether CPU autocast, if on, computes in ``dtype``."""
+    return not torch.is_autocast_enabled("cpu") or torch.get_autocast_dtype("cpu") == dtype
 
 
 def linear_add(linear: nn.Linear, x: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
@@ -160,8 +209,10 @@ def linear_geglu(proj: nn.Linear, x: torch.Tensor) -> torch.Tensor:
     w_h, w_gate = proj.weight[:d], proj.weight[d:]
     b_h, b_gate = (None, None) if proj.bias is None else (proj.bias[:d], proj.bias[d:])
     linear = torch.ops.mkldnn._linear_pointwise
-    h = linear(x, w_h, b_h, "none", [], "")
-    return linear(x, w_gate, b_gate, "gelu", [], "none").mul_(h)
+    gate = linear(x, w_gate, b_gate, "gelu", [], "none")
+    if x.dtype == torch.bfloat16:
+        return linear.binary(x, gate, w_h, b_h, "mul")
+    return gate.mul_(linear(x, w_h, b_h, "none", [], ""))
 
 
 def preferred_memory_format(device: str | torch.device, dtype: torch.dtype | None = None) -> torch.memory_format:
@@ -169,8 +220,8 @@ def preferred_memory_format(device: str | torch.device, dtype: torch.dtype | Non
 
     CUDA: channels_last (cuDNN's NHWC kernels). CPU: channels_last for bf16/fp16 (oneDNN's AMX/AVX512 kernels
     are about 25 % faster on NHWC, measured on the SD UNet's convolutions), the plain layout for float32
-    (there oneDNN re-lays out NHWC weights per call and the plain layout is about 8 % faster). Elsewhere
-    (MPS): the plain layout.
+    (a float32 UNet step takes the same time in both with prepacked kernels, see :class:`Conv2d`; with kernels
+    re-laid out per call the plain layout is about 8 % faster). Elsewhere (MPS): the plain layout.
     """
     device = torch.device(device)
     if device.type == "cuda":

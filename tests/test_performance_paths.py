@@ -11,7 +11,7 @@ from safetensors.torch import save_file
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from ldm.checkpoint import CheckpointError, _read_safetensors, load_model_from_config
-from ldm.precision import memory_format_of, module_memory_format, pointwise_conv
+from ldm.precision import Conv2d, linear_geglu, memory_format_of, module_memory_format, pointwise_conv
 from tests.conftest import assert_matches_reference, tiny_config, tiny_state_dict
 
 CL = torch.channels_last
@@ -53,13 +53,86 @@ def test_channels_last_model_matches_reference(tiny_ckpt, tiny_io):
     assert decoded.is_contiguous()
 
 
-def test_pointwise_conv_is_the_convolution():
-    conv = torch.nn.Conv2d(6, 5, 1)
-    x = torch.randn(2, 6, 4, 3)
-    for layout in (torch.contiguous_format, CL):
-        y = pointwise_conv(conv, x.contiguous(memory_format=layout))
-        torch.testing.assert_close(y, conv(x), rtol=1e-5, atol=1e-6)
-        assert memory_format_of(y) == memory_format_of(x.contiguous(memory_format=layout))
+class _Ops(TorchDispatchMode):
+    """Records the operators called."""
+
+    def __init__(self):
+        super().__init__()
+        self.names: list[str] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.names.append(str(func))
+        return func(*args, **(kwargs or {}))
+
+
+def _ops(fn) -> tuple[torch.Tensor, list[str]]:
+    recorder = _Ops()
+    with torch.no_grad(), recorder:
+        out = fn()
+    return out, recorder.names
+
+
+def _close_to(y: torch.Tensor, expected: torch.Tensor) -> None:
+    """float32: to the usual 1e-5; bf16: to one rounding of the result (the inputs are bf16 already)."""
+    tol = 1e-5 if y.dtype == torch.float32 else 2 ** -8
+    torch.testing.assert_close(y.double(), expected, rtol=tol, atol=tol)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("layout", [torch.contiguous_format, CL])
+def test_pointwise_conv_is_the_convolution(dtype, layout):
+    """A 1x1 convolution, with and without a residual; channels_last: one matmul, the sum in its epilogue."""
+    torch.manual_seed(0)
+    conv = torch.nn.Conv2d(6, 5, 1).to(dtype)
+    x = torch.randn(2, 6, 4, 3).to(dtype).contiguous(memory_format=layout)
+    residual = torch.randn(2, 5, 4, 3).to(dtype).contiguous(memory_format=layout)
+    plain = F.conv2d(x.double(), conv.weight.double(), conv.bias.double())
+    y, _ = _ops(lambda: pointwise_conv(conv, x))
+    _close_to(y, plain)
+    assert memory_format_of(y) == layout
+    y, ops = _ops(lambda: pointwise_conv(conv, x, residual=residual))
+    _close_to(y, plain + residual.double())
+    assert memory_format_of(y) == layout
+    assert ("mkldnn._linear_pointwise.binary" in " ".join(ops)) == (layout == CL)
+    bias = residual[:, :, :1, :1]  # broadcast: no epilogue
+    _close_to(_ops(lambda: pointwise_conv(conv, x, residual=bias))[0], plain + bias.double())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("layout", [torch.contiguous_format, CL])
+@pytest.mark.parametrize("packed", [True, False])
+def test_convolution_adds_the_residual(dtype, layout, packed):
+    """``Conv2d(x, residual)`` is ``conv(x) + residual``; in channels_last the sum is in the convolution's
+    epilogue, with the kernel prepacked or not, and the two give the same numbers."""
+    torch.manual_seed(0)
+    conv = Conv2d(8, 16, 3, padding=1).to(dtype)
+    x = torch.randn(2, 8, 6, 5).to(dtype).contiguous(memory_format=layout)
+    residual = torch.randn(2, 16, 6, 5).to(dtype).contiguous(memory_format=layout)
+    expected = F.conv2d(x.double(), conv.weight.double(), conv.bias.double(), padding=1) + residual.double()
+    if packed:
+        assert conv.prepack(dtype, layout)
+    y, ops = _ops(lambda: conv(x, residual=residual))
+    _close_to(y, expected)
+    assert ("mkldnn._convolution_pointwise.binary" in " ".join(ops)) == (layout == CL)
+    if packed:
+        conv.release_packed()
+        with torch.no_grad():
+            assert torch.equal(conv(x, residual=residual), y)
+    with torch.no_grad():
+        bias = residual[:, :, :1, :1]  # broadcast: no epilogue
+        assert torch.equal(conv(x, residual=bias), conv(x) + bias)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_geglu_is_value_times_gelu_of_gate(dtype):
+    """GEGLU on CPU inference: in bf16 the product is taken in the second matmul's epilogue (rounded once)."""
+    torch.manual_seed(0)
+    proj = torch.nn.Linear(16, 2 * 24).to(dtype)
+    x = torch.randn(3, 7, 16).to(dtype)
+    h, gate = F.linear(x.double(), proj.weight.double(), proj.bias.double()).chunk(2, dim=-1)
+    y, ops = _ops(lambda: linear_geglu(proj, x))
+    _close_to(y, h * F.gelu(gate))
+    assert ("mkldnn._linear_pointwise.binary" in " ".join(ops)) == (dtype == torch.bfloat16)
 
 
 def test_inference_and_training_paths_agree(tiny_model, tiny_io):

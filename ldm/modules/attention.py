@@ -137,4 +137,4 @@ class SpatialTransformer(nn.Module):
         for block in self.transformer_blocks:
             x = block(x, context=context)
         x = x.reshape(b, h, w, -1).permute(0, 3, 1, 2).contiguous(memory_format=memory_format_of(x_in))
-        return pointwise_conv(self.proj_out, x).add_(x_in)
+        return pointwise_conv(self.proj_out, x, residual=x_in)

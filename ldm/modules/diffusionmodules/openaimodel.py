@@ -23,7 +23,7 @@ from ldm.modules.diffusionmodules.util import (
     timestep_embedding,
     zero_module,
 )
-from ldm.precision import memory_format_of, module_memory_format, pointwise_conv
+from ldm.precision import Conv2d, memory_format_of, module_memory_format, pointwise_conv
 
 
 def run_layers(layers: nn.Sequential, x: torch.Tensor) -> torch.Tensor:
@@ -167,11 +167,13 @@ class ResBlock(TimestepBlock):
         if self.use_scale_shift_norm:
             scale, shift = emb_out.chunk(2, dim=1)
             h = self.out_layers[0](h) * (1 + scale) + shift
-            h = run_layers(self.out_layers[1:], h)
+            h = run_layers(self.out_layers[1:-1], h)
         else:
-            h = run_layers(self.out_layers, h.add_(emb_out))  # h: fresh conv output
+            h = run_layers(self.out_layers[:-1], h.add_(emb_out))  # h: fresh conv output
         skip = self.skip_connection
-        return h.add_(pointwise_conv(skip, x) if isinstance(skip, nn.Conv2d) else skip(x))  # h: fresh conv output
+        x = pointwise_conv(skip, x) if isinstance(skip, nn.Conv2d) else skip(x)
+        out_conv = self.out_layers[-1]
+        return out_conv(h, residual=x) if isinstance(out_conv, Conv2d) else out_conv(h).add_(x)
 
 
 class QKVAttentionLegacy(nn.Module):
