@@ -105,7 +105,8 @@ class Conv2d(nn.Conv2d):
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
         """``conv(x)``, plus ``residual`` when given. On CPU inference in channels_last the sum is taken in the
         convolution's epilogue (in bf16 rounded once), whether the kernel is prepacked or not."""
-        inference = not torch.is_grad_enabled() and x.device.type == "cpu" and _HAS_PACKED_CONV
+        inference = (not torch.is_grad_enabled() and x.device.type == "cpu" and _HAS_PACKED_CONV
+                     and not torch.compiler.is_compiling())  # inductor lowers the plain convolution itself
         if self.compute is not None and inference:
             dtype = self.compute[0]
             x, weight = x.to(dtype), self._packed_kernel(x)
@@ -179,7 +180,8 @@ def _fused_cpu_ok(x: torch.Tensor, weight: torch.Tensor) -> bool:
     """Whether oneDNN's fused linear ops apply: CPU inference without autograd, float32 or bf16 input and weight
     of one dtype, and no autocast to another dtype."""
     return (x.device.type == "cpu" and x.dtype == weight.dtype and x.dtype in (torch.float32, torch.bfloat16)
-            and not torch.is_grad_enabled() and _HAS_FUSED_LINEAR and _autocast_keeps(x.dtype))
+            and not torch.is_grad_enabled() and _HAS_FUSED_LINEAR and _autocast_keeps(x.dtype)
+            and not torch.compiler.is_compiling())  # inductor cannot lower these calls; it fuses the plain ops
 
 
 def _autocast_keeps(dtype: torch.dtype) -> bool:

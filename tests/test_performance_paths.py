@@ -302,3 +302,19 @@ def test_sdpa_equals_softmax_attention():
     qh, kh, vh = (t.reshape(2, -1, heads, d).permute(0, 2, 1, 3) for t in (q, k, v))
     ref = (F.softmax(qh @ kh.transpose(-1, -2) * d ** -0.5, dim=-1) @ vh).permute(0, 2, 1, 3).reshape(2, 9, 16)
     torch.testing.assert_close(attention(q, k, v, heads), ref, rtol=1e-5, atol=1e-6)
+
+
+def test_unet_compiles(tiny_ckpt, tiny_io):
+    """``torch.compile`` (inductor, frozen weights) of a bf16 UNet traces the plain ops, not our oneDNN calls
+    (which inductor cannot lower), and computes what eager mode does. (Compiling does not pay on a 2-core CPU:
+    see docs/benchmark.md.)"""
+    import torch._inductor.config as inductor_config
+
+    unet = load_model_from_config(tiny_config(), tiny_ckpt, dtype=torch.bfloat16).model.diffusion_model
+    x, t, cond = tiny_io["unet_x"].bfloat16(), tiny_io["unet_t"], tiny_io["cond"].bfloat16()
+    torch._dynamo.reset()
+    with torch.no_grad(), inductor_config.patch(freezing=True):
+        eager = unet(x, t, cond).float()
+        compiled = torch.compile(unet)(x, t, cond).float()
+    # inductor keeps fused intermediates in float32 where eager rounds each op to bf16
+    assert (compiled - eager).abs().max() <= 0.05 * eager.abs().max()
