@@ -293,6 +293,43 @@ def unet_flops(unet, x, t, context) -> float:
     return float(counter.get_total_flops())
 
 
+def child_compile(args, paths) -> dict:
+    import torch
+
+    from ldm.precision import tune_cpu_allocator
+
+    tune_cpu_allocator()
+    return {name: _compile_rounds(args, paths, getattr(torch, name))
+            for name in (["float32", "bfloat16"] if args.device == "cpu" else ["float16"])}
+
+
+def _compile_rounds(args, paths, dtype) -> dict:
+    """Our UNet eager (as the pipeline runs it) against ``torch.compile`` of it (inductor, frozen weights)."""
+    import torch
+    import torch._inductor.config as inductor_config
+    from omegaconf import OmegaConf
+
+    from ldm.checkpoint import load_model_from_config
+
+    device = torch.device(args.device)
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 4, args.size // 8, args.size // 8, generator=gen).to(device, dtype)
+    context = torch.randn(2, 77, 768, generator=gen).to(device, dtype)
+    t = torch.tensor([500, 500], device=device)
+    eager = _ours(paths, dtype, device).model.diffusion_model
+    plain = load_model_from_config(OmegaConf.load(CONFIG), paths["ckpt"], dtype=dtype, device=device)
+    torch._dynamo.reset()
+    with torch.no_grad(), inductor_config.patch(freezing=True):
+        compiled = torch.compile(plain.model.diffusion_model)
+        start = time.perf_counter()
+        compiled(x, t, context)
+        _sync(device)
+        compile_s = time.perf_counter() - start
+        times = _alternate({"eager": lambda: (eager(x, t, context), _sync(device)),
+                            "compiled": lambda: (compiled(x, t, context), _sync(device))}, args.repeats)
+    return {**times, "compile": compile_s}
+
+
 def child_vae(args, paths) -> dict:
     import torch
 
@@ -506,6 +543,12 @@ def write_report(results: dict, args, out_dir: Path) -> str:
                              f"{flops / med(times['ours']) / 1e9:.0f} GFLOP/s = "
                              f"{flops / med(times['ours']) / peak:.0%} of peak, diffusers "
                              f"{flops / med(times['diffusers']) / peak:.0%}.")
+    if "compile" in results:
+        lines += ["", "`torch.compile` of our UNet (inductor, frozen weights) against our eager UNet, step batch 2:"]
+        for dtype, r in results["compile"].items():
+            lines.append(f"- {dtype}: compile and first call {r['compile']:.0f} s; step {med(r['compiled']):.2f} s "
+                         f"compiled, {med(r['eager']):.2f} s eager ({med(r['compiled']) / med(r['eager']):.2f}); "
+                         f"pays back after {_payback(r)} steps.")
     snap = results["load_before"], results["load_after"]
     lines += ["", f"Machine load during the run: load average {' '.join(snap[0]['loadavg'])} before, "
                   f"{' '.join(snap[1]['loadavg'])} after; other busy processes: "
@@ -520,6 +563,11 @@ def write_report(results: dict, args, out_dir: Path) -> str:
     (out_dir / "benchmark.json").write_text(json.dumps(results, indent=1, default=str))
     draw_chart(rows, out_dir / "benchmark.png", f"{size}, {m['cpu']}, {m['cores']} cores")
     return text
+
+
+def _payback(r: dict) -> str:
+    saved = med(r["eager"]) - med(r["compiled"])
+    return f"{r['compile'] / saved:.0f}" if saved > 0 else "no number of"
 
 
 def draw_chart(rows: list[tuple], path: Path, subtitle: str) -> None:
@@ -555,7 +603,7 @@ def draw_chart(rows: list[tuple], path: Path, subtitle: str) -> None:
 # ------------------------------------------------------------------------------------------------ main
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--parts", default="load,unet,vae,e2e,big")
+    parser.add_argument("--parts", default="load,unet,vae,compile,e2e,big")
     parser.add_argument("--size", type=int, default=512)
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--repeats", type=int, default=3, help="alternating rounds of the in-process parts")
@@ -569,7 +617,7 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="256x256, 2 steps, 1 round: a smoke test")
     parser.add_argument("--workdir", type=Path, default=Path(os.environ.get("TMPDIR", "/tmp")) / "ldm-benchmark")
     parser.add_argument("--out", type=Path, default=ROOT / "docs")
-    parser.add_argument("--child", choices=["unet", "vae"], help=argparse.SUPPRESS)
+    parser.add_argument("--child", choices=["unet", "vae", "compile"], help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.quick:
         args.size, args.steps, args.repeats, args.big_size, args.big_steps = 256, 2, 1, 512, 1
@@ -581,7 +629,7 @@ def main() -> None:
 
     paths = ensure_assets(args.workdir)
     if args.child:
-        result = {"unet": child_unet, "vae": child_vae}[args.child](args, paths)
+        result = {"unet": child_unet, "vae": child_vae, "compile": child_compile}[args.child](args, paths)
         print(json.dumps(result))
         return
 
@@ -597,7 +645,7 @@ def main() -> None:
             rows.append({"file": path.suffix, "size": path.stat().st_size, "dtype": dtype, **r})
             print(f"  {path.name} -> {dtype}: {r['rss'] / GIB:.2f} GB", flush=True)
         results["load"] = {"rows": rows, "import_rss": run_child(["-c", CHILD_IMPORT])["rss"]}
-    for part in ("unet", "vae"):
+    for part in ("unet", "vae", "compile"):
         if part in parts:
             print(f"{part} ...", flush=True)
             results[part] = run_child([*child_args, "--child", part])
