@@ -221,14 +221,9 @@ def _sync(device) -> None:
 
 
 def child_unet(args, paths) -> dict:
-    import torch
-
-    from ldm.precision import tune_cpu_allocator
-
-    tune_cpu_allocator()  # both implementations run in this process: the same allocator for all
     result = {}
-    for dtype_name in (["float32", "bfloat16"] if args.device == "cpu" else ["float16"]):
-        result[dtype_name], flops = _unet_rounds(args, paths, getattr(torch, dtype_name))
+    for name, (times, flops) in _each_dtype(args, paths, _unet_rounds).items():
+        result[name] = times
         if flops:
             result["flops"] = flops
     return result
@@ -241,11 +236,7 @@ def _unet_rounds(args, paths, dtype) -> tuple[dict, float | None]:
     from ldm.checkpoint import load_model_from_config
 
     device = torch.device(args.device)
-    latent = args.size // 8
-    gen = torch.Generator().manual_seed(0)
-    x = torch.randn(2, 4, latent, latent, generator=gen).to(device, dtype)
-    context = torch.randn(2, 77, 768, generator=gen).to(device, dtype)
-    t = torch.tensor([500, 500], device=device)
+    x, t, context = _unet_inputs(args, dtype, device)
     unet = _ours(paths, dtype, device).model.diffusion_model
     theirs = _diffusers_components(paths["ckpt"], dtype)[0].to(device)
     fns = {"ours": lambda: (unet(x, t, context), _sync(device)),
@@ -261,6 +252,17 @@ def _unet_rounds(args, paths, dtype) -> tuple[dict, float | None]:
         fns["original"] = original
     times = _alternate(fns, args.repeats)
     return times, (unet_flops(plain, x, t, context) if plain is not None else None)
+
+
+def _unet_inputs(args, dtype, device):
+    """A classifier-free-guidance batch: latents (2, 4, size/8, size/8), timesteps, CLIP-shaped context."""
+    import torch
+
+    latent = args.size // 8
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 4, latent, latent, generator=gen).to(device, dtype)
+    context = torch.randn(2, 77, 768, generator=gen).to(device, dtype)
+    return x, torch.tensor([500, 500], device=device), context
 
 
 def _ours(paths, dtype, device):
@@ -294,13 +296,7 @@ def unet_flops(unet, x, t, context) -> float:
 
 
 def child_compile(args, paths) -> dict:
-    import torch
-
-    from ldm.precision import tune_cpu_allocator
-
-    tune_cpu_allocator()
-    return {name: _compile_rounds(args, paths, getattr(torch, name))
-            for name in (["float32", "bfloat16"] if args.device == "cpu" else ["float16"])}
+    return _each_dtype(args, paths, _compile_rounds)
 
 
 def _compile_rounds(args, paths, dtype) -> dict:
@@ -312,10 +308,7 @@ def _compile_rounds(args, paths, dtype) -> dict:
     from ldm.checkpoint import load_model_from_config
 
     device = torch.device(args.device)
-    gen = torch.Generator().manual_seed(0)
-    x = torch.randn(2, 4, args.size // 8, args.size // 8, generator=gen).to(device, dtype)
-    context = torch.randn(2, 77, 768, generator=gen).to(device, dtype)
-    t = torch.tensor([500, 500], device=device)
+    x, t, context = _unet_inputs(args, dtype, device)
     eager = _ours(paths, dtype, device).model.diffusion_model
     plain = load_model_from_config(OmegaConf.load(CONFIG), paths["ckpt"], dtype=dtype, device=device)
     torch._dynamo.reset()
@@ -331,12 +324,17 @@ def _compile_rounds(args, paths, dtype) -> dict:
 
 
 def child_vae(args, paths) -> dict:
+    return _each_dtype(args, paths, _vae_rounds)
+
+
+def _each_dtype(args, paths, rounds) -> dict:
+    """``rounds(args, paths, dtype)`` for each dtype measured on the device, keyed by the dtype's name."""
     import torch
 
     from ldm.precision import tune_cpu_allocator
 
-    tune_cpu_allocator()
-    return {name: _vae_rounds(args, paths, getattr(torch, name))
+    tune_cpu_allocator()  # both implementations run in this process: the same allocator for all
+    return {name: rounds(args, paths, getattr(torch, name))
             for name in (["float32", "bfloat16"] if args.device == "cpu" else ["float16"])}
 
 
@@ -581,7 +579,7 @@ def draw_chart(rows: list[tuple], path: Path, subtitle: str) -> None:
     d.text((10, 8), "relative to diffusers (shorter is better)", fill="black")
     d.text((10, 26), subtitle, fill="gray")
     scale_max = max(max((o or 0) / t, 1.0, (g or 0) / t) for _, o, t, g, _ in rows)
-    unit_px = (width - left - 80) / scale_max
+    unit_px = (width - left - 170) / scale_max  # room for the longest bar's label
     colors = {"ours": (40, 110, 200), "diffusers": (150, 150, 150), "original": (220, 120, 50)}
     y = 56
     x1 = left + unit_px
