@@ -107,20 +107,19 @@ class Conv2d(nn.Conv2d):
         convolution's epilogue (in bf16 rounded once), whether the kernel is prepacked or not."""
         inference = (not torch.is_grad_enabled() and x.device.type == "cpu" and _HAS_PACKED_CONV
                      and not torch.compiler.is_compiling())  # inductor lowers the plain convolution itself
+        fused_sum = (residual is not None and _sum_fits(x, residual) and residual.shape == self._output_shape(x))
         if self.compute is not None and inference:
             dtype = self.compute[0]
             x, weight = x.to(dtype), self._packed_kernel(x)
-        elif (inference and residual is not None and self._can_pack(x.dtype) and x.dtype == self.weight.dtype
-              and _autocast_keeps(x.dtype) and _sum_fits(x, residual)
-              and residual.shape == self._output_shape(x)):
+        elif (inference and fused_sum and self._can_pack(x.dtype) and x.dtype == self.weight.dtype
+              and _autocast_keeps(x.dtype)):
             dtype, weight = x.dtype, self.weight
         else:
             y = super().forward(x)
             return y if residual is None else y.add_(residual)
         bias = None if self.bias is None else self.bias.to(dtype)
         conv_args = (list(self.padding), list(self.stride), list(self.dilation), self.groups)
-        if (residual is not None and residual.dtype == dtype and _sum_fits(x, residual)
-                and residual.shape == self._output_shape(x)):
+        if fused_sum and residual.dtype == dtype:
             return torch.ops.mkldnn._convolution_pointwise.binary(x, residual, weight, bias, *conv_args,
                                                                   "add", None, None, [], None)
         y = torch.ops.mkldnn._convolution_pointwise(x, weight, bias, *conv_args, "none", [], "")
