@@ -76,8 +76,8 @@ def conv3x3(x: torch.Tensor, taps: torch.Tensor, bias: torch.Tensor | None, m: i
     padded = F.pad(x.permute(0, 2, 3, 1), (0, 0, 1, 1, 1, 1))  # (B, H + 2, W + 2, C), channels innermost
     s_b, s_h, s_w, _ = padded.stride()
     rows, cols = height // m, width // m
-    out = x.new_empty((batch, out_channels, height, width)) if x.is_contiguous() else torch.empty(
-        batch, out_channels, height, width, dtype=x.dtype, memory_format=torch.channels_last)
+    layout = torch.contiguous_format if x.is_contiguous() else torch.channels_last
+    out = torch.empty(batch, out_channels, height, width, dtype=x.dtype, device=x.device, memory_format=layout)
     out_tiles = out.permute(0, 2, 3, 1).view(batch, rows, m, cols, m, out_channels)
     res_tiles = None if residual is None else residual.permute(0, 2, 3, 1).view(
         batch, rows, m, cols, m, out_channels)
@@ -92,9 +92,10 @@ def conv3x3(x: torch.Tensor, taps: torch.Tensor, bias: torch.Tensor | None, m: i
         v = torch.mm(to_tiles, tiles.reshape(a * a, count * channels)).view(a * a, count, channels)  # B^T d B
         prod = None  # (a^2, tiles, C_out): one matrix product over the channels per point
         for c0 in range(0, channels, block):
+            # G g G^T for this block of input channels
             u = torch.mm(kernel_transform, taps[:, c0:c0 + block].reshape(9, -1)).view(a * a, -1, out_channels)
             if prod is None:
-                prod = torch.bmm(v[:, :, c0:c0 + block], u)  # G g G^T
+                prod = torch.bmm(v[:, :, c0:c0 + block], u)
             else:
                 prod.baddbmm_(v[:, :, c0:c0 + block], u)
         del v, u
