@@ -28,7 +28,13 @@ from PIL import Image
 from ldm.checkpoint import CheckpointError, load_model_from_config, release_file_pages
 from ldm.errors import DeviceError, InputError, LdmError, ModelNotFoundError
 from ldm.output import ModelHash
-from ldm.precision import cpu_has_native_bf16, decode_first_stage, preferred_memory_format, tune_cpu_allocator
+from ldm.precision import (
+    cpu_has_native_bf16,
+    decode_first_stage,
+    preferred_memory_format,
+    release_library_pages,
+    tune_cpu_allocator,
+)
 from ldm.residency import PartWeights
 from ldm.tiling import decode_needs_tiling, tiled_decode, tiled_encode
 
@@ -394,4 +400,6 @@ def load_pipeline(config: str | Path, ckpt: str | Path, device: str = "auto", pr
                  for part in (model.cond_stage_model, model.model, model.first_stage_model)]
         tune_cpu_allocator()
     checker = load_safety_checker(safety_checker, torch_device, warn=say)
+    if on_demand:
+        release_library_pages()
     return Pipeline(model, torch_device, prec, checker, Path(ckpt).resolve().stem, model_hash, parts)

@@ -9,6 +9,7 @@ Nothing here runs at import. The pipeline and scripts call these functions expli
   compute in their kernels' format.
 * :func:`tune_cpu_allocator` -- keep freed activation buffers in the process (glibc), so a sampling step does
   not page-fault its large temporaries in again.
+* :func:`release_library_pages` -- hand back the library pages that loading touched and a CPU run does not use.
 * :func:`decode_first_stage` -- the VAE decode, redone in float32 when a reduced-precision decode overflows.
 """
 from __future__ import annotations
@@ -16,6 +17,8 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import functools
+import os
+import re
 from contextlib import nullcontext
 from typing import Any, ContextManager
 
@@ -28,6 +31,8 @@ from ldm import winograd
 # glibc mallopt parameters
 _M_TRIM_THRESHOLD = -1
 _M_MMAP_MAX = -4
+_MADV_PAGEOUT = 21  # Linux
+_SHARED_OBJECT = re.compile(r"\.so(\.[\d.]+)?$")
 _allocator_tuned = False
 _HAS_FUSED_LINEAR = (torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
                      and hasattr(torch.ops.mkldnn._linear_pointwise, "binary"))
@@ -313,6 +318,29 @@ def return_freed_memory() -> None:
     malloc_trim = getattr(_libc(), "malloc_trim", None)
     if malloc_trim is not None:
         malloc_trim(0)
+
+
+def release_library_pages() -> int:
+    """Ask the kernel to reclaim the resident pages of the shared libraries mapped so far (Linux 5.4+,
+    ``MADV_PAGEOUT``), and return how many mappings it was asked for (0 where this is not Linux).
+
+    Loading touches far more library code and data than a CPU run uses again: above all the CUDA libraries that
+    a CUDA build of torch maps and initialises even without a GPU, and what torch._dynamo and triton load at
+    import (about 300 MB of a 512x512 run's peak RSS here). Only clean pages go (they are file pages; the
+    relocated, private ones stay); those still in use fault back in.
+    """
+    madvise = getattr(_libc(), "madvise", None)
+    if madvise is None or not os.path.exists("/proc/self/maps"):
+        return 0
+    madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+    advised = 0
+    with open("/proc/self/maps") as maps:
+        for line in maps:
+            fields = line.split(maxsplit=5)
+            if len(fields) == 6 and _SHARED_OBJECT.search(fields[5]):
+                start, end = (int(a, 16) for a in fields[0].split("-"))
+                advised += madvise(start, end - start, _MADV_PAGEOUT) == 0
+    return advised
 
 
 @functools.cache

@@ -8,6 +8,8 @@ Two different seeds in fp32 are 137 % apart (9 dB): the bounds separate "same sa
 """
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
@@ -53,6 +55,29 @@ def test_autocast_context():
     assert isinstance(precision.autocast("cpu", None), nullcontext)
     with precision.autocast("cpu", torch.bfloat16):
         assert torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16
+
+
+def _library_rss() -> int:
+    """Resident bytes of this process's shared-library mappings (/proc/self/smaps)."""
+    total, counting = 0, False
+    with open("/proc/self/smaps") as smaps:
+        for line in smaps:
+            fields = line.split()
+            if ":" not in fields[0]:  # a mapping's header: address range, perms, offset, device, inode, path
+                counting = len(fields) == 6 and precision._SHARED_OBJECT.search(fields[5]) is not None
+            elif counting and fields[0] == "Rss:":
+                total += int(fields[1]) * 1024
+    return total
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/smaps"), reason="needs Linux /proc")
+def test_library_pages_are_handed_back():
+    """What loading touched leaves the process; torch still computes (the pages it needs fault back in)."""
+    before = _library_rss()
+    assert precision.release_library_pages() > 0
+    assert _library_rss() < 0.5 * before
+    x = torch.randn(64, 64)
+    torch.testing.assert_close(x @ torch.eye(64), x)
 
 
 def test_tune_cpu_allocator_is_idempotent():
