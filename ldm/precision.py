@@ -322,11 +322,11 @@ def return_freed_memory() -> None:
 
 def release_library_pages() -> int:
     """Ask the kernel to reclaim the resident pages of the shared libraries mapped so far (Linux 5.4+,
-    ``MADV_PAGEOUT``), and return how many mappings it was asked for (0 where this is not Linux).
+    ``MADV_PAGEOUT``), and return how many mappings it advised (0 where this is not Linux).
 
     Loading touches far more library code and data than a CPU run uses again: above all the CUDA libraries that
     a CUDA build of torch maps and initialises even without a GPU, and what torch._dynamo and triton load at
-    import (about 300 MB of a 512x512 run's peak RSS here). Only clean pages go (they are file pages; the
+    import (about 270 MB of a 512x512 run's peak RSS here). Only clean pages go (they are file pages; the
     relocated, private ones stay); those still in use fault back in.
     """
     madvise = getattr(_libc(), "madvise", None)

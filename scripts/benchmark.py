@@ -26,6 +26,7 @@ recorded with the table, since it moves absolute numbers (ratios are taken withi
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import platform
@@ -50,8 +51,19 @@ def peak_rss() -> int:
 
 
 # ------------------------------------------------------------------------------------------------ assets
+def asset_paths(workdir: Path) -> dict[str, Path]:
+    """Where the fp32 .ckpt, a bf16 .safetensors and a diffusers folder, all from the same deterministic weights,
+    are kept."""
+    return {"ckpt": workdir / "sd-v1-det.ckpt", "bf16": workdir / "sd-v1-det-bf16.safetensors",
+            "diffusers": workdir / "diffusers-sd-v1-det"}
+
+
+def assets_ready(paths: dict[str, Path]) -> bool:
+    return paths["ckpt"].exists() and paths["bf16"].exists() and (paths["diffusers"] / "model_index.json").exists()
+
+
 def ensure_assets(workdir: Path) -> dict[str, Path]:
-    """The fp32 .ckpt, a bf16 .safetensors and a diffusers folder, all from the same deterministic weights."""
+    """The benchmark's weights (:func:`asset_paths`), written where missing."""
     import torch
     from omegaconf import OmegaConf
 
@@ -59,8 +71,7 @@ def ensure_assets(workdir: Path) -> dict[str, Path]:
 
     workdir.mkdir(parents=True, exist_ok=True)
     config = OmegaConf.load(CONFIG)
-    paths = {"ckpt": workdir / "sd-v1-det.ckpt", "bf16": workdir / "sd-v1-det-bf16.safetensors",
-             "diffusers": workdir / "diffusers-sd-v1-det"}
+    paths = asset_paths(workdir)
     if not paths["ckpt"].exists():
         print(f"writing {paths['ckpt']} (deterministic weights, fp32)", flush=True)
         write_deterministic_checkpoint(config, paths["ckpt"])
@@ -434,6 +445,11 @@ def e2e(args, paths, precision: str) -> dict[str, list[dict]]:
     return runs
 
 
+def child_info(args, paths) -> dict:
+    """The machine, and its matmul peak per dtype."""
+    return {"machine": machine(), "peaks": {d: matmul_peak(d) for d in ("float32", "bfloat16")}}
+
+
 def matmul_peak(dtype_name: str) -> float:
     """Measured FLOP/s of a large square matmul with all threads (the machine's practical peak)."""
     import torch
@@ -617,26 +633,30 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="256x256, 2 steps, 1 round: a smoke test")
     parser.add_argument("--workdir", type=Path, default=Path(os.environ.get("TMPDIR", "/tmp")) / "ldm-benchmark")
     parser.add_argument("--out", type=Path, default=ROOT / "docs")
-    parser.add_argument("--child", choices=["unet", "vae", "compile"], help=argparse.SUPPRESS)
+    parser.add_argument("--child", choices=["unet", "vae", "compile", "info"], help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.quick:
         args.size, args.steps, args.repeats, args.big_size, args.big_steps = 256, 2, 1, 512, 1
 
-    try:
-        import diffusers  # noqa: F401
-    except ImportError:
+    if importlib.util.find_spec("diffusers") is None:
         sys.exit("diffusers is needed for the comparison (a benchmark-only peer): pip install diffusers")
 
-    paths = ensure_assets(args.workdir)
     if args.child:
-        result = {"unet": child_unet, "vae": child_vae, "compile": child_compile}[args.child](args, paths)
-        print(json.dumps(result))
+        paths = ensure_assets(args.workdir)
+        children = {"unet": child_unet, "vae": child_vae, "compile": child_compile, "info": child_info}
+        print(json.dumps(children[args.child](args, paths)))
         return
 
+    # This process never imports torch: pages of torch's libraries that it mapped would stay resident in the
+    # end-to-end children too (the kernel does not reclaim pages another process maps), unlike a user's run.
     parts = args.parts.split(",")
-    results: dict = {"machine": machine(), "load_before": load_snapshot()}
     child_args = [str(Path(__file__)), "--size", str(args.size), "--repeats", str(args.repeats), "--device",
                   args.device, "--workdir", str(args.workdir)] + ([] if args.original else ["--no-original"])
+    paths = asset_paths(args.workdir)
+    if not assets_ready(paths):
+        print(f"writing the benchmark's weights under {args.workdir} ...", flush=True)
+    info = run_child([*child_args, "--child", "info"])  # also writes the weights where missing
+    results: dict = {"machine": info["machine"], "load_before": load_snapshot()}
     if "load" in parts:
         print("load ...", flush=True)
         rows = []
@@ -650,7 +670,7 @@ def main() -> None:
             print(f"{part} ...", flush=True)
             results[part] = run_child([*child_args, "--child", part])
     if "unet" in parts:
-        results["peaks"] = {d: matmul_peak(d) for d in ("float32", "bfloat16")}
+        results["peaks"] = info["peaks"]
     if "e2e" in parts:
         results["e2e"] = {}
         for precision in (args.precisions.split(",") if args.device == "cpu" else ["fp16"]):
