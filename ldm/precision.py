@@ -83,8 +83,8 @@ class Conv2d(nn.Conv2d):
     dropped); later calls reuse it. Setting ``compute`` to None, or any ``.to()``/``.float()``, drops it.
 
     In float32, a 3x3 convolution with stride 1 and padding 1 on a large enough input computes by Winograd
-    instead (:mod:`ldm.winograd`; a 512x512 UNet step -15 %, the autoencoder's decode -30 %), from its kernel's
-    taps kept in place of the packed kernel (the same size).
+    instead (:mod:`ldm.winograd`; a 512x512 UNet step -15 %, the autoencoder's decode -30 %), straight from the
+    stored weight (nothing packed).
 
     ``forward(x, residual)`` returns ``conv(x) + residual`` (the UNet's residual blocks), on CPU inference with
     the sum in the convolution's epilogue (Winograd: in its output transform).
@@ -92,7 +92,6 @@ class Conv2d(nn.Conv2d):
 
     compute: tuple[torch.dtype, torch.memory_format] | None = None
     _packed: torch.Tensor | None = None
-    _taps: torch.Tensor | None = None
 
     def prepack(self, dtype: torch.dtype, memory_format: torch.memory_format) -> bool:
         """Compute with the kernel prepacked in ``dtype`` from the next call on; False where it cannot be."""
@@ -108,7 +107,7 @@ class Conv2d(nn.Conv2d):
                 and is_conv_kernel(self.weight))
 
     def release_packed(self) -> None:
-        self.compute, self._packed, self._taps = None, None, None
+        self.compute, self._packed = None, None
 
     def _apply(self, fn, recurse=True):
         self.release_packed()  # the packed kernel is derived from the weight as it was
@@ -124,7 +123,7 @@ class Conv2d(nn.Conv2d):
             dtype = self.compute[0]
             tile = self._winograd_tile(x, residual)
             if tile:
-                return winograd.conv3x3(x, self._taps_kernel(), self.bias, tile, residual)
+                return winograd.conv3x3(x, self.weight, self.bias, tile, residual)
             x, weight = x.to(dtype), self._packed_kernel(x)
         elif (inference and fused_sum and self._can_pack(x.dtype) and x.dtype == self.weight.dtype
               and _autocast_keeps(x.dtype)):
@@ -148,18 +147,12 @@ class Conv2d(nn.Conv2d):
     def _winograd_tile(self, x: torch.Tensor, residual: torch.Tensor | None) -> int:
         """The Winograd tile size for this call (:mod:`ldm.winograd`: float32 3x3 convolutions with padding 1),
         or 0 for oneDNN's direct convolution."""
-        if not (self.compute[0] == x.dtype == torch.float32 and self.kernel_size == (3, 3) and self.stride == (1, 1)
-                and self.padding == (1, 1) and self.dilation == (1, 1) and _autocast_keeps(torch.float32)
+        if not (self.compute[0] == x.dtype == self.weight.dtype == torch.float32 and self.weight.is_contiguous()
+                and self.kernel_size == (3, 3) and self.stride == (1, 1) and self.padding == (1, 1)
+                and self.dilation == (1, 1) and _autocast_keeps(torch.float32)
                 and (residual is None or residual.shape == self._output_shape(x))):
             return 0
         return winograd.tile_size(x.shape, self.in_channels, self.out_channels)
-
-    def _taps_kernel(self) -> torch.Tensor:
-        """The kernel as Winograd takes it (:func:`ldm.winograd.kernel_taps`), made at the first call."""
-        if self._taps is None:
-            self._taps = winograd.kernel_taps(self.weight.detach())
-            _release_pages(self.weight)
-        return self._taps
 
     def _packed_kernel(self, x: torch.Tensor) -> torch.Tensor:
         """The kernel laid out for ``x``'s shape, packed at the first call."""

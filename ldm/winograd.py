@@ -9,8 +9,8 @@ output pixel and channel pair; F(2x2) takes 16/4 = 4, F(4x4) 36/16 = 2.25. In fl
 about 3e-6 (F(2x2)) and 6e-5 (F(4x4)) of the output's scale from the exact one; the direct convolution about
 2e-6 (the reference tolerance of the whole model is 1e-3).
 
-The kernel is kept as its 9 taps, ``(9, C_in, C_out)`` (the size of the weight), and transformed at each call:
-no resident copy larger than the weight.
+The kernel is transformed at each call, from the weight as it lies (in blocks of output channels): no copy of
+it is kept.
 """
 from __future__ import annotations
 
@@ -57,20 +57,15 @@ def tile_size(shape: torch.Size, in_channels: int, out_channels: int) -> int:
     return 0
 
 
-def kernel_taps(weight: torch.Tensor) -> torch.Tensor:
-    """A 3x3 kernel (C_out, C_in, 3, 3) as its taps, (9, C_in, C_out), contiguous: the form :func:`conv3x3` takes."""
-    return weight.permute(2, 3, 1, 0).reshape(9, weight.shape[1], weight.shape[0]).contiguous()
-
-
-def conv3x3(x: torch.Tensor, taps: torch.Tensor, bias: torch.Tensor | None, m: int,
+def conv3x3(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, m: int,
             residual: torch.Tensor | None = None) -> torch.Tensor:
     """``conv2d(x, weight, bias, padding=1) (+ residual)`` by F(m x m, 3 x 3), m in (2, 4).
 
-    x: (B, C_in, H, W) float32 with H and W multiples of m; taps: :func:`kernel_taps` of the weight;
+    x: (B, C_in, H, W) float32 with H and W multiples of m; weight: (C_out, C_in, 3, 3), contiguous;
     residual: (B, C_out, H, W). The result has ``x``'s memory format.
     """
     batch, channels, height, width = x.shape
-    out_channels = taps.shape[2]
+    out_channels = weight.shape[0]
     a = m + 2
     to_tiles, kernel_transform, from_tiles = _matrices(m)
     padded = F.pad(x.permute(0, 2, 3, 1), (0, 0, 1, 1, 1, 1))  # (B, H + 2, W + 2, C), channels innermost
@@ -81,30 +76,28 @@ def conv3x3(x: torch.Tensor, taps: torch.Tensor, bias: torch.Tensor | None, m: i
     out_tiles = out.permute(0, 2, 3, 1).view(batch, rows, m, cols, m, out_channels)
     res_tiles = None if residual is None else residual.permute(0, 2, 3, 1).view(
         batch, rows, m, cols, m, out_channels)
-    # tile rows per pass and input channels per kernel block, so that neither V nor U is held whole
-    step = max(1, _MAX_CHUNK_BYTES // (a * a * batch * cols * channels * 4))
-    block = max(1, _MAX_CHUNK_BYTES // (a * a * out_channels * 4))
+    # tile rows per pass and output channels per kernel block, so that neither V nor U is held whole
+    step = max(1, _MAX_CHUNK_BYTES // (a * a * batch * cols * max(channels, out_channels) * 4))
+    block = max(1, _MAX_CHUNK_BYTES // (a * a * channels * 4))
+    taps = weight.view(out_channels, channels * 9)
     for r0 in range(0, rows, step):
         n = min(step, rows - r0)
         tiles = padded.as_strided((a, a, batch, n, cols, channels), (s_h, s_w, s_b, m * s_h, m * s_w, 1),
                                   padded.storage_offset() + r0 * m * s_h)
         count = batch * n * cols
         v = torch.mm(to_tiles, tiles.reshape(a * a, count * channels)).view(a * a, count, channels)  # B^T d B
-        prod = None  # (a^2, tiles, C_out): one matrix product over the channels per point
-        for c0 in range(0, channels, block):
-            # G g G^T for this block of input channels
-            u = torch.mm(kernel_transform, taps[:, c0:c0 + block].reshape(9, -1)).view(a * a, -1, out_channels)
-            if prod is None:
-                prod = torch.bmm(v[:, :, c0:c0 + block], u)
+        for o0 in range(0, out_channels, block):
+            o1 = min(o0 + block, out_channels)
+            # G g G^T for this block of output channels, (a^2, C_out block, C_in): from the weight as it lies
+            u = torch.mm(kernel_transform, taps[o0:o1].view(-1, 9).t()).view(a * a, o1 - o0, channels)
+            prod = torch.bmm(v, u.transpose(1, 2))  # (a^2, tiles, C_out block): a matrix product per point
+            if bias is not None:  # column (1, 1) of A^T (x) A^T is all ones: the bias reaches every output pixel
+                prod[a + 1].add_(bias[o0:o1])
+            y = torch.mm(from_tiles, prod.view(a * a, -1)).view(m, m, batch, n, cols, o1 - o0)  # A^T M A
+            y = y.permute(2, 3, 0, 4, 1, 5)  # (B, rows, m, cols, m, C_out block)
+            target = out_tiles[:, r0:r0 + n, :, :, :, o0:o1]
+            if res_tiles is None:
+                target.copy_(y)
             else:
-                prod.baddbmm_(v[:, :, c0:c0 + block], u)
-        del v, u
-        if bias is not None:  # column (1, 1) of A^T (x) A^T is all ones: the bias reaches every output pixel
-            prod[a + 1].add_(bias)
-        y = torch.mm(from_tiles, prod.view(a * a, -1)).view(m, m, batch, n, cols, out_channels)  # A^T M A
-        y = y.permute(2, 3, 0, 4, 1, 5)  # (B, rows, m, cols, m, C_out)
-        if res_tiles is None:
-            out_tiles[:, r0:r0 + n].copy_(y)
-        else:
-            torch.add(y, res_tiles[:, r0:r0 + n], out=out_tiles[:, r0:r0 + n])
+                torch.add(y, res_tiles[:, r0:r0 + n, :, :, :, o0:o1], out=target)
     return out

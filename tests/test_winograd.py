@@ -31,9 +31,9 @@ def everywhere(monkeypatch):
     used: list[int] = []
     conv3x3 = winograd.conv3x3
 
-    def spy(x, taps, bias, m, residual=None):
+    def spy(x, weight, bias, m, residual=None):
         used.append(m)
-        return conv3x3(x, taps, bias, m, residual)
+        return conv3x3(x, weight, bias, m, residual)
 
     monkeypatch.setattr(winograd, "conv3x3", spy)
     return used
@@ -43,16 +43,15 @@ def everywhere(monkeypatch):
 @pytest.mark.parametrize("layout", [torch.contiguous_format, CL])
 @pytest.mark.parametrize("chunk", [None, 1])
 def test_conv3x3_is_the_convolution(m, layout, chunk, monkeypatch):
-    """With bias and residual, in either layout; ``chunk=1``: one tile row and one input channel per pass."""
+    """With bias and residual, in either layout; ``chunk=1``: one tile row and one output channel per pass."""
     if chunk is not None:
         monkeypatch.setattr(winograd, "_MAX_CHUNK_BYTES", chunk)
     torch.manual_seed(0)
     x = torch.randn(2, 6, 8, 12).contiguous(memory_format=layout)
     weight, bias = torch.randn(5, 6, 3, 3) / 7, torch.randn(5)
     residual = torch.randn(2, 5, 8, 12).contiguous(memory_format=layout)
-    taps = winograd.kernel_taps(weight)
     for b, r in ((None, None), (bias, None), (bias, residual)):
-        y = winograd.conv3x3(x, taps, b, m, r)
+        y = winograd.conv3x3(x, weight, b, m, r)
         assert y.dtype == torch.float32 and y.is_contiguous(memory_format=layout)
         torch.testing.assert_close(y.double(), direct(x, weight, b, r), rtol=0, atol=5e-5)
 
@@ -67,7 +66,7 @@ def test_conv3x3_error_is_that_of_float32(channels, size):
     expected = direct(x, weight, None)
     scale = expected.std().item()
     for m, bound in ((2, 1e-5), (4, 1e-4)):
-        error = (winograd.conv3x3(x, winograd.kernel_taps(weight), None, m).double() - expected).abs().max().item()
+        error = (winograd.conv3x3(x, weight, None, m).double() - expected).abs().max().item()
         assert error <= bound * scale, (m, error / scale)
 
 
@@ -89,7 +88,7 @@ def test_prepacked_float32_convolution_takes_winograd(everywhere):
     assert conv.prepack(torch.float32, torch.contiguous_format)
     with torch.no_grad():
         y = conv(x, residual=residual)
-    assert everywhere == [4] and conv._taps is not None and conv._packed is None
+    assert everywhere == [4] and conv._packed is None
     torch.testing.assert_close(y.double(), expected, rtol=0, atol=5e-5)
     conv(x)  # autograd on: the plain convolution
     strided = Conv2d(8, 16, 3, padding=1, stride=2)
@@ -99,8 +98,6 @@ def test_prepacked_float32_convolution_takes_winograd(everywhere):
     with torch.no_grad():
         strided(x), bf16(x.contiguous(memory_format=CL))
     assert everywhere == [4]
-    conv.release_packed()
-    assert conv._taps is None
 
 
 def test_tiny_model_with_winograd_matches_the_original(tiny_ckpt, tiny_io, everywhere):
