@@ -31,3 +31,7 @@ class DeviceError(LdmError, RuntimeError):
 
 class OutputError(LdmError, OSError):
     """The output folder cannot be created or written."""
+
+
+class TokenizerNotFoundError(ModelNotFoundError):
+    """A tokenizer vocabulary (e.g. bert-base-uncased's ``vocab.txt``) that is not on this machine or unusable."""

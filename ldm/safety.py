@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 import torch
@@ -40,8 +40,9 @@ def _has_weights(folder: Path) -> bool:
     return (folder / "config.json").is_file() and any((folder / name).is_file() for name in WEIGHT_FILES)
 
 
-def hf_cache_folder(repo_id: str = SAFETY_MODEL_ID) -> Path | None:
-    """The snapshot folder of ``repo_id`` in the local Hugging Face cache, if one with weights is there."""
+def hf_cache_folder(repo_id: str = SAFETY_MODEL_ID, complete: Callable[[Path], bool] = _has_weights) -> Path | None:
+    """The snapshot folder of ``repo_id`` in the local Hugging Face cache, if a ``complete`` one (default: one
+    with weights) is there."""
     from huggingface_hub import constants
 
     repo = Path(constants.HF_HUB_CACHE) / f"models--{repo_id.replace('/', '--')}"
@@ -51,9 +52,9 @@ def hf_cache_folder(repo_id: str = SAFETY_MODEL_ID) -> Path | None:
     ref = repo / "refs" / "main"
     if ref.is_file():
         folder = snapshots / ref.read_text().strip()
-        if _has_weights(folder):
+        if complete(folder):
             return folder
-    candidates = [p for p in snapshots.iterdir() if p.is_dir() and _has_weights(p)]
+    candidates = [p for p in snapshots.iterdir() if p.is_dir() and complete(p)]
     return max(candidates, key=lambda p: p.stat().st_mtime) if candidates else None
 
 

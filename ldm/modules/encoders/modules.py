@@ -1,8 +1,11 @@
-"""Conditioning encoders: the frozen CLIP text encoder of SD v1, and the small LDM class/spatial encoders.
+"""Conditioning encoders: the frozen CLIP text encoder of SD v1, the BERT-tokenised transformer of the LDM
+text-to-image models (LAION-400M), and the small LDM class/spatial encoders.
 
 Nothing here touches the network. The CLIP text transformer is built from a configuration (the ViT-L/14 one
 below by default, or a local folder's), its tokenizer files ship with the package, and its weights come from
-the Stable Diffusion checkpoint (``cond_stage_model.transformer.*``).
+the Stable Diffusion checkpoint (``cond_stage_model.transformer.*``). The BERT tokenizer's vocabulary is read
+from a local folder (``models/bert-base-uncased/`` or the Hugging Face cache, see :func:`find_bert_tokenizer`);
+the transformer behind it (:mod:`ldm.modules.x_transformer`) takes its weights from the checkpoint.
 """
 from __future__ import annotations
 
@@ -12,6 +15,8 @@ from pathlib import Path
 
 import torch
 from torch import nn
+
+from ldm.errors import InputError, TokenizerNotFoundError
 
 DEFAULT_CLIP_VERSION = "openai/clip-vit-large-patch14"
 TOKENIZER_DIR = Path(__file__).parent / "clip_tokenizer"
@@ -162,3 +167,194 @@ class FrozenCLIPEmbedder(AbstractEncoder):
 
     def encode(self, text: list[str]) -> torch.Tensor:
         return self(text)
+
+
+# ---------------------------------------------------------------------------------------------- BERT (LAION-400M)
+DEFAULT_BERT_VERSION = "bert-base-uncased"
+# hub ids under which a tokenizer may sit in the local Hugging Face cache (the hub renamed bert-base-uncased)
+BERT_HUB_IDS = {DEFAULT_BERT_VERSION: (DEFAULT_BERT_VERSION, "google-bert/bert-base-uncased")}
+BERT_VOCAB_FILES = ("vocab.txt", "tokenizer.json")
+MODELS_DIR = Path("models")  # a named tokenizer is looked up in models/<name>/ (cwd, then the project root)
+
+
+def _has_bert_vocab(folder: Path) -> bool:
+    return any((folder / name).is_file() for name in BERT_VOCAB_FILES)
+
+
+def _tokenizer_missing(version: str) -> TokenizerNotFoundError:
+    local = MODELS_DIR / version
+    return TokenizerNotFoundError(
+        f"BERT tokenizer '{version}' not found in {local}/ nor in the Hugging Face cache, and tokenizers are never "
+        f"downloaded: put its vocab.txt (from https://huggingface.co/{version}) in {local}/ in the project folder, "
+        f"or set tokenizer_version in the config to a folder that holds one")
+
+
+def find_bert_tokenizer(version: str = DEFAULT_BERT_VERSION) -> Path:
+    """The folder holding the WordPiece vocabulary of ``version`` (``vocab.txt`` or ``tokenizer.json``).
+
+    ``version`` is a folder (as given, or relative to the project root), or a name such as ``bert-base-uncased``,
+    looked up in ``models/<name>/`` (under the working directory, then the project root) and in the local
+    Hugging Face cache. Raises :class:`ldm.errors.TokenizerNotFoundError` naming where to put it; nothing is
+    downloaded.
+    """
+    version = str(version)
+    folder = _local_folder(version)
+    if folder is not None:
+        if not _has_bert_vocab(folder):
+            raise TokenizerNotFoundError(f"BERT tokenizer folder {folder} has no vocab.txt (nor tokenizer.json); put "
+                                         f"the tokenizer's vocab.txt there")
+        return folder
+    for base in (Path.cwd(), PROJECT_ROOT):
+        if _has_bert_vocab(base / MODELS_DIR / version):
+            return base / MODELS_DIR / version
+    from ldm.safety import hf_cache_folder
+
+    for repo_id in BERT_HUB_IDS.get(version, (version,)):
+        try:
+            cached = hf_cache_folder(repo_id, complete=_has_bert_vocab)
+        except (OSError, ValueError):  # an unreadable cache, or a name that is no hub id
+            cached = None
+        if cached is not None:
+            return cached
+    raise _tokenizer_missing(version)
+
+
+def load_bert_tokenizer(version: str = DEFAULT_BERT_VERSION):
+    """The ``BertTokenizerFast`` of ``version`` (see :func:`find_bert_tokenizer`), checked to hold a real
+    vocabulary: offline, transformers can return a tokenizer with only the special tokens, which would turn
+    every word into ``[UNK]``."""
+    from transformers import BertTokenizerFast
+
+    folder = find_bert_tokenizer(version)
+    try:
+        # from_pretrained(folder): the constructor's vocab_file= is silently ignored by transformers 5
+        tokenizer = BertTokenizerFast.from_pretrained(str(folder), local_files_only=True)
+    except Exception as err:  # corrupt or foreign files: tell which folder, in one line
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise TokenizerNotFoundError(f"cannot read the BERT tokenizer in {folder}: {first}") from None
+    if len(tokenizer) <= len(set(tokenizer.all_special_tokens)):
+        raise TokenizerNotFoundError(f"the BERT tokenizer in {folder} holds only its {len(tokenizer)} special tokens; "
+                                     f"its vocab.txt must list the whole vocabulary, one token a line")
+    return tokenizer
+
+
+def check_tokenizer(cond_stage_config) -> None:
+    """Fail now, before the checkpoint is loaded, when a BERT text encoder's tokenizer is not on this machine
+    (``cond_stage_config``: the config's ``cond_stage_config`` entry; anything else passes)."""
+    if not hasattr(cond_stage_config, "get"):
+        return
+    target = str(cond_stage_config.get("target", ""))
+    params = cond_stage_config.get("params") or {}
+    if target == f"{__name__}.BERTEmbedder" and params.get("use_tokenizer", True):
+        find_bert_tokenizer(params.get("tokenizer_version", DEFAULT_BERT_VERSION))
+    elif target == f"{__name__}.BERTTokenizer":
+        find_bert_tokenizer(params.get("version", DEFAULT_BERT_VERSION))
+
+
+def _usable_device(device: str | torch.device) -> torch.device:
+    """``device``, or the CPU where it is a CUDA device this machine lacks (the original's default is "cuda")."""
+    device = torch.device(device)
+    return torch.device("cpu") if device.type == "cuda" and not torch.cuda.is_available() else device
+
+
+class BERTTokenizer(AbstractEncoder):
+    """Prompts -> BERT WordPiece ids (B, max_length): ``[CLS] pieces [SEP] [PAD] ...``, cut to ``max_length``.
+
+    ``version``: the tokenizer's folder or name (see :func:`find_bert_tokenizer`; never downloaded).
+    ``vq_interface``: :meth:`encode` returns ``(None, None, [None, None, tokens])`` as the original's.
+    """
+
+    def __init__(self, device: str = "cuda", vq_interface: bool = True, max_length: int = 77,
+                 version: str = DEFAULT_BERT_VERSION):
+        super().__init__()
+        self.tokenizer = load_bert_tokenizer(version)
+        self.device = device
+        self.vq_interface = vq_interface
+        self.max_length = max_length
+
+    def tokenize(self, text: str | list[str]) -> torch.Tensor:
+        """Token ids (B, max_length) on the CPU."""
+        batch_encoding = self.tokenizer(text, truncation=True, max_length=self.max_length, padding="max_length",
+                                        return_tensors="pt")
+        return batch_encoding["input_ids"]
+
+    def count_tokens(self, text: str) -> int:
+        """Number of tokens of ``text`` including ``[CLS]`` and ``[SEP]``, before truncation."""
+        return len(self.tokenizer(text, truncation=False, verbose=False).input_ids)
+
+    def forward(self, text: str | list[str]) -> torch.Tensor:
+        return self.tokenize(text).to(_usable_device(self.device))
+
+    @torch.no_grad()
+    def encode(self, text: str | list[str]):
+        tokens = self(text)
+        if not self.vq_interface:
+            return tokens
+        return None, None, [None, None, tokens]
+
+    def decode(self, text):
+        return text
+
+
+class BERTEmbedder(AbstractEncoder):
+    """Prompts -> (B, max_seq_len, n_embed): BERT WordPiece tokens through a transformer trained with the LDM
+    (:class:`ldm.modules.x_transformer.TransformerWrapper`; not a Hugging Face BERT, only the tokenizer is BERT's).
+
+    ``tokenizer_version`` (not in the original, which always loads ``bert-base-uncased`` from the hub): a folder
+    or a name, found locally (see :func:`find_bert_tokenizer`). ``device`` is accepted for compatibility: tokens
+    go to the device of the transformer's weights. With ``use_tokenizer=False`` the input is token ids (B, N).
+    """
+
+    def __init__(self, n_embed: int, n_layer: int, vocab_size: int = 30522, max_seq_len: int = 77,
+                 device: str = "cuda", use_tokenizer: bool = True, embedding_dropout: float = 0.0,
+                 tokenizer_version: str = DEFAULT_BERT_VERSION):
+        super().__init__()
+        from ldm.modules.x_transformer import Encoder, TransformerWrapper
+
+        self.use_tknz_fn = use_tokenizer
+        if self.use_tknz_fn:
+            self.tknz_fn = BERTTokenizer(device=device, vq_interface=False, max_length=max_seq_len,
+                                         version=tokenizer_version)
+            if len(self.tknz_fn.tokenizer) > vocab_size:
+                raise InputError(f"the BERT tokenizer '{tokenizer_version}' has {len(self.tknz_fn.tokenizer)} "
+                                 f"tokens, more than the {vocab_size} (vocab_size) the text encoder embeds; use the "
+                                 f"tokenizer the model was trained with")
+        self.device = device
+        self.max_length = max_seq_len
+        self.transformer = TransformerWrapper(num_tokens=vocab_size, max_seq_len=max_seq_len,
+                                              attn_layers=Encoder(dim=n_embed, depth=n_layer),
+                                              emb_dropout=embedding_dropout)
+
+    def tokenize(self, text: list[str]) -> torch.Tensor:
+        """Token ids (B, max_seq_len) on the CPU."""
+        return self.tknz_fn.tokenize(text)
+
+    def count_tokens(self, text: str) -> int:
+        """Number of tokens of ``text`` including ``[CLS]`` and ``[SEP]``, before truncation."""
+        return self.tknz_fn.count_tokens(text)
+
+    def forward(self, text) -> torch.Tensor:
+        tokens = self.tknz_fn.tokenize(text) if self.use_tknz_fn else text
+        tokens = tokens.to(self.transformer.token_emb.weight.device)
+        return self.transformer(tokens, return_embeddings=True)
+
+    def encode(self, text) -> torch.Tensor:
+        return self(text)
+
+
+class TransformerEmbedder(AbstractEncoder):
+    """Token ids (B, N) -> (B, N, n_embed) through :class:`ldm.modules.x_transformer.TransformerWrapper`."""
+
+    def __init__(self, n_embed: int, n_layer: int, vocab_size: int, max_seq_len: int = 77, device: str = "cuda"):
+        super().__init__()
+        from ldm.modules.x_transformer import Encoder, TransformerWrapper
+
+        self.device = device
+        self.transformer = TransformerWrapper(num_tokens=vocab_size, max_seq_len=max_seq_len,
+                                              attn_layers=Encoder(dim=n_embed, depth=n_layer))
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.transformer(tokens.to(self.transformer.token_emb.weight.device), return_embeddings=True)
+
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        return self(x)
