@@ -15,6 +15,8 @@ from ldm.errors import InputError, LdmError, ModelNotFoundError
 TRACEBACK_ENV = "LDM_TRACEBACK"
 EXIT_INTERRUPTED = 130
 EXIT_TERMINATED = 143  # 128 + SIGTERM; SIGHUP (the terminal closed) ends a run the same way, with 128 + SIGHUP
+# where the original's README downloads the LAION-400M text-to-image checkpoint
+LAION400M_CKPT_URL = "https://ommer-lab.com/files/latent-diffusion/nitro/txt2img-f8-large/model.ckpt"
 
 
 class ArgumentParser(argparse.ArgumentParser):
@@ -135,6 +137,8 @@ def use_laion400m(opt: argparse.Namespace, parser: argparse.ArgumentParser, **pa
             setattr(opt, name, path)
     missing = [path for path in (opt.config, opt.ckpt) if not os.path.exists(path)]
     if missing:
+        fixes = [f"download the checkpoint from {LAION400M_CKPT_URL} to {opt.ckpt}"] if opt.ckpt in missing else []
+        fixes += ["run from the project folder, which has the config"] if opt.config in missing else []
         raise ModelNotFoundError(f"--laion400m needs the LAION-400M model: config {opt.config} and checkpoint "
-                                 f"{opt.ckpt}; missing: {', '.join(missing)} (get them from the CompVis "
-                                 f"latent-diffusion release, or pass --config/--ckpt)")
+                                 f"{opt.ckpt}; missing: {', '.join(missing)} ({', '.join(fixes)}, or pass "
+                                 f"--config/--ckpt)")

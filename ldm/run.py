@@ -288,6 +288,7 @@ def check_memory(opt: RunOptions, need: int, height: int, width: int, device: to
 
 def check_before_loading(opt: RunOptions) -> None:
     """Everything that can fail without the model fails here, before minutes of loading."""
+    from ldm.modules.encoders.modules import check_tokenizer
     from ldm.safety import find_safety_checker
 
     validate(opt)
@@ -299,6 +300,7 @@ def check_before_loading(opt: RunOptions) -> None:
     check_model_files(opt.config, opt.ckpt)
     check_checkpoint_file(opt.ckpt)
     config = load_config(opt.config)
+    check_tokenizer((config.model.get("params") or {}).get("cond_stage_config"))  # a missing vocabulary: now
     timesteps = int((config.model.get("params") or {}).get("timesteps", 1000))
     if opt.steps > timesteps:
         raise InputError(f"--ddim_steps {opt.steps} is more than the model's {timesteps} diffusion steps; "
