@@ -120,6 +120,15 @@ def test_layers_are_pre_norm_with_padding_attended(model):
     assert not torch.allclose(a[:, -1], b[:, -1])
 
 
+def test_text_encoder_uses_exact_gelu_and_layer_norm_eps_1e_5(model):
+    """Details the tiny model's tolerance cannot see (tanh GELU moves ``cond`` by half the tolerance there)."""
+    modules = list(model.cond_stage_model.modules())
+    gelus = [m for m in modules if isinstance(m, torch.nn.GELU)]
+    norms = [m for m in modules if isinstance(m, torch.nn.LayerNorm)]
+    assert len(gelus) == 2 and all(m.approximate == "none" for m in gelus)
+    assert len(norms) == 2 * 2 + 1 and all(m.eps == 1e-5 and m.elementwise_affine for m in norms)
+
+
 # ---------------------------------------------------------------------------------------------- real model layout
 def test_state_dict_layout_is_the_real_checkpoint():
     """Keys, shapes and dtypes of txt2img-1p4B-eval.yaml equal the real LAION-400M checkpoint's (1,368 keys)."""
