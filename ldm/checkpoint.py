@@ -4,6 +4,8 @@
   The bookkeeping that original Lightning checkpoints carry beside the weights (the ``ModelCheckpoint``
   callback class used as a dict key, numpy scalars) is read into inert placeholders.
 * ``.safetensors`` files are memory-mapped like ``.ckpt`` files: a tensor is only read when it is used.
+* A diffusers folder (``model_index.json``, ``unet/``, ``vae/``, ...) is read, memory-mapped, under the original
+  keys (:mod:`ldm.diffusers_format`), as the single file it corresponds to.
 * Loading is strict: every key of the model must be present with its shape, and every key of the file must
   be used. The few keys real SD checkpoints carry that this code does not define are listed once, below.
 * :func:`load_model_from_config` builds the model with its parameters on the ``meta`` device and assigns the
@@ -31,6 +33,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from ldm import diffusers_format
 from ldm.errors import LdmError
 from ldm.precision import is_conv_kernel, preferred_memory_format
 from ldm.util import instantiate_from_config
@@ -125,6 +128,8 @@ def read_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str
     path = Path(path)
     if not path.exists():
         raise CheckpointError(f"checkpoint not found: {path}")
+    if diffusers_format.is_diffusers_folder(path):  # its files, memory-mapped, under the original keys
+        return diffusers_format.read_folder(path, read_state_dict), {}
     if not path.is_file():
         raise CheckpointError(f"checkpoint path is not a file: {path}")
     if path.suffix.lower() in SAFETENSORS_SUFFIXES:
@@ -320,7 +325,8 @@ class _FilePages:
 
     @classmethod
     def of(cls, path: str | Path) -> _FilePages:
-        return cls(tuple({str(Path(path)), os.path.realpath(path)}))
+        files = diffusers_format.all_weight_files(path) if Path(path).is_dir() else [path]
+        return cls(tuple({name for f in files for name in (str(Path(f)), os.path.realpath(f))}))
 
     def drop(self, lo: int, hi: int) -> int:
         """Drop the clean pages under the bytes [lo, hi) of one mapping; returns the bytes dropped."""
@@ -482,6 +488,8 @@ def load_model_from_config(config: Any, ckpt: str | Path | None, *, device: str 
         if dtype is not None:
             model.to(dtype)
         return model.eval().to(device, memory_format=memory_format)
+    if diffusers_format.is_diffusers_folder(ckpt):
+        diffusers_format.check_fits(ckpt, model_config.get("params") or {})
     state_dict, extras = read_checkpoint(ckpt)
     if verbose and "global_step" in extras:
         print(f"Global Step: {extras['global_step']}")

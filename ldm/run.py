@@ -15,6 +15,7 @@ from PIL import Image
 
 from ldm import distributed
 from ldm.checkpoint import SAFETENSORS_SUFFIXES, CheckpointError
+from ldm.diffusers_format import is_diffusers_folder
 from ldm.errors import InputError
 from ldm.image_io import (
     MAX_PROMPT_CHARS,
@@ -188,13 +189,20 @@ def _looks_like_safetensors(head: bytes, size: int) -> bool:
 
 def check_checkpoint_file(path: str | Path, fix: str = "check --ckpt") -> None:
     """Refuse, naming what it is, a checkpoint path that is plainly something else: an empty file, an image,
-    a web page, a Git LFS pointer, a diffusers folder, or the other of .ckpt / .safetensors under the wrong name.
-    Everything else is judged by the loader (:func:`ldm.checkpoint.read_checkpoint`)."""
+    a web page, a Git LFS pointer, an incomplete diffusers folder, or the other of .ckpt / .safetensors under the
+    wrong name. Everything else (a diffusers folder too) is judged by the loader
+    (:func:`ldm.checkpoint.read_checkpoint`)."""
     path = Path(path)
     if path.is_dir():
-        if (path / "model_index.json").is_file() or (path / "unet").is_dir():
-            raise CheckpointError(f"checkpoint {path} is a diffusers folder; this code loads the original single-"
-                                  f"file checkpoints (.ckpt or .safetensors); {fix}")
+        if is_diffusers_folder(path):
+            missing = [name for name in ("unet/config.json", "vae/config.json", "scheduler/scheduler_config.json")
+                       if not (path / name).is_file()]
+            if missing:
+                raise CheckpointError(f"checkpoint {path} is an incomplete diffusers folder: {', '.join(missing)} "
+                                      f"missing; {fix}")
+        elif (path / "unet").is_dir():
+            raise CheckpointError(f"checkpoint {path} is an incomplete diffusers folder: no model_index.json (nor "
+                                  f"unet/config.json and vae/config.json); {fix}")
         return
     try:
         size = path.stat().st_size
