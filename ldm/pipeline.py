@@ -29,7 +29,7 @@ from ldm.checkpoint import CheckpointError, load_model_from_config, release_file
 from ldm.errors import DeviceError, InputError, LdmError, ModelNotFoundError
 from ldm.output import ModelHash
 from ldm.precision import (
-    cpu_has_native_bf16,
+    cpu_computes_bf16,
     decode_first_stage,
     preferred_memory_format,
     release_library_pages,
@@ -110,14 +110,15 @@ class Precision:
 
 def resolve_precision(name: str, device: torch.device) -> Precision:
     """``full``: float32; ``autocast``: fp16 autocast over float32 weights on CUDA (as the original), bfloat16
-    weights and compute on a CPU with native bf16 (faster there than float32 weights under autocast, and half
-    the memory), else plain float32; ``bf16``/``fp16``: weights cast to that dtype, computed under autocast."""
+    weights and compute on a CPU that computes bf16 in hardware as oneDNN may use it (faster there than float32
+    weights under autocast, and half the memory), else plain float32; ``bf16``/``fp16``: weights cast to that
+    dtype, computed under autocast (on any CPU; without hardware bf16 through torch's slower kernels)."""
     if name == "full":
         return Precision(name, torch.float32, None)
     if name == "autocast":
         if device.type == "cuda":
             return Precision(name, torch.float32, torch.float16)
-        if device.type == "cpu" and cpu_has_native_bf16():
+        if device.type == "cpu" and cpu_computes_bf16():
             return Precision(name, torch.bfloat16, torch.bfloat16)
         return Precision(name, torch.float32, None)
     if name == "bf16":
@@ -372,6 +373,9 @@ def load_pipeline(config: str | Path, ckpt: str | Path, device: str = "auto", pr
 
     torch_device = resolve_device(device)
     prec = resolve_precision(precision, torch_device)
+    if torch_device.type == "cpu" and prec.autocast_dtype == torch.bfloat16 and not cpu_computes_bf16():
+        say("notice: this CPU has no bfloat16 arithmetic oneDNN may use (AVX512-BF16/AMX); --precision bf16 runs "
+            "through slower kernels here, --precision full is faster")
     check_model_files(config, ckpt)
     config_obj = load_config(config)
     model_hash = ModelHash(ckpt)

@@ -2,8 +2,9 @@
 
 Nothing here runs at import. The pipeline and scripts call these functions explicitly:
 
-* :func:`fast_dtype` -- the reduced precision worth using on a device (fp16 on CUDA, bf16 on a CPU that
-  computes bf16 in hardware, else float32); :func:`autocast` -- the matching autocast context.
+* :data:`onednn` -- the one gate for torch's private oneDNN ops (fused and prepacked CPU kernels): a path is
+  taken only where oneDNN computes its dtype on this CPU, and a call that fails switches it to the public op.
+* :func:`cpu_computes_bf16` -- whether this CPU computes bfloat16 in hardware, as oneDNN may use it.
 * :func:`preferred_memory_format` -- channels_last where the convolutions are faster with it (CUDA; bf16 on
   CPU); the checkpoint loader lays out the convolution kernels in it, and the UNet and the autoencoder
   compute in their kernels' format.
@@ -19,8 +20,8 @@ import ctypes.util
 import functools
 import os
 import re
-from contextlib import nullcontext
-from typing import Any, ContextManager
+import sys
+from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
@@ -34,8 +35,91 @@ _M_MMAP_MAX = -4
 _MADV_PAGEOUT = 21  # Linux
 _SHARED_OBJECT = re.compile(r"\.so(\.[\d.]+)?$")
 _allocator_tuned = False
-_HAS_FUSED_LINEAR = (torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
-                     and hasattr(torch.ops.mkldnn._linear_pointwise, "binary"))
+# ONEDNN_MAX_CPU_ISA values below the first ISA with bfloat16 arithmetic (AVX512_CORE_BF16); oneDNN emulates
+# bf16 on AVX512_CORE and converts only on AVX2_VNNI_2
+_ISAS_WITHOUT_BF16 = {"SSE41", "AVX", "AVX2", "AVX2_VNNI", "AVX2_VNNI_2", "AVX512_CORE", "AVX512_CORE_VNNI"}
+
+
+class OneDNN:
+    """The gate for torch's private oneDNN ops (``torch.ops.mkldnn.*``, ``mkldnn_reorder_conv2d_weight``).
+
+    They fuse a sum or an activation into a matmul or a convolution, and keep convolution kernels prepacked;
+    each has a public op that computes the same (``F.conv2d``, ``F.linear``, ...). A path is taken only where
+    oneDNN computes its dtype on this CPU (float32 wherever torch has oneDNN; bfloat16 where
+    ``torch.ops.mkldnn._is_mkldnn_bf16_supported()``, which honours ``ONEDNN_MAX_CPU_ISA``), and a call that
+    raises switches that path (op and dtype) to the public op for the rest of the process, with one notice on
+    stderr for the process.
+    """
+
+    OPS = ("convolution", "linear")
+
+    def __init__(self):
+        self.failed: dict[tuple[str, torch.dtype], str] = {}
+        self.noticed = False
+        self._computes: dict[torch.dtype, bool] = {}
+
+    @functools.cached_property
+    def present(self) -> bool:
+        """Whether this torch build has the private ops with the names we call."""
+        mkldnn = getattr(torch.ops, "mkldnn", None)
+        try:
+            return bool(torch.backends.mkldnn.is_available() and mkldnn is not None
+                        and hasattr(mkldnn._convolution_pointwise, "binary")
+                        and hasattr(mkldnn._linear_pointwise, "binary")
+                        and hasattr(torch._C._nn, "mkldnn_reorder_conv2d_weight"))
+        except (AttributeError, RuntimeError):
+            return False
+
+    def computes(self, dtype: torch.dtype) -> bool:
+        """Whether oneDNN computes ``dtype`` on this CPU (within ``ONEDNN_MAX_CPU_ISA``)."""
+        if dtype not in self._computes:
+            self._computes[dtype] = self.present and (dtype == torch.float32 or (
+                dtype == torch.bfloat16 and _ask(lambda: torch.ops.mkldnn._is_mkldnn_bf16_supported())))
+        return self._computes[dtype]
+
+    def usable(self, op: str, dtype: torch.dtype) -> bool:
+        """Whether the fast path ``op`` (one of :attr:`OPS`) may run in ``dtype`` now."""
+        return (op, dtype) not in self.failed and torch.backends.mkldnn.enabled and self.computes(dtype)
+
+    def run(self, op: str, dtype: torch.dtype, fast: Callable[[], torch.Tensor],
+            public: Callable[[], torch.Tensor]) -> torch.Tensor:
+        """``fast()``; if it raises, ``public()``, and ``op`` in ``dtype`` takes the public op from then on."""
+        try:
+            return fast()
+        except (RuntimeError, TypeError, ValueError, AttributeError) as err:
+            self.fail(op, dtype, err)
+        return public()
+
+    def fail(self, op: str, dtype: torch.dtype, err: BaseException) -> None:
+        """Switch ``op`` in ``dtype`` to the public op for the rest of the process."""
+        why = str(err).splitlines()[0] if str(err) else type(err).__name__
+        self.failed[(op, dtype)] = why
+        if not self.noticed:
+            self.noticed = True
+            print(f"notice: oneDNN's fused {op} kernel failed on this CPU in {str(dtype).removeprefix('torch.')} "
+                  f"({why[:160]}); using torch's standard ops instead (same results, slower)", file=sys.stderr,
+                  flush=True)
+
+
+def _ask(query: Callable[[], Any]) -> bool:
+    """``bool(query())``, False where the query itself fails (an older or a non-oneDNN torch)."""
+    try:
+        return bool(query())
+    except (AttributeError, RuntimeError):
+        return False
+
+
+onednn = OneDNN()
+
+
+def cpu_computes_bf16() -> bool:
+    """Whether this CPU computes bfloat16 in hardware (AVX512-BF16 or AMX) and oneDNN may use it: not capped
+    below that by ``ONEDNN_MAX_CPU_ISA`` (or ``DNNL_MAX_CPU_ISA``). Elsewhere bf16 is emulated or converted, and
+    float32 is faster."""
+    cap = (os.environ.get("ONEDNN_MAX_CPU_ISA") or os.environ.get("DNNL_MAX_CPU_ISA") or "").strip().upper()
+    hardware = any(_ask(getattr(torch.cpu, name, lambda: False))
+                   for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"))
+    return hardware and cap not in _ISAS_WITHOUT_BF16 and onednn.computes(torch.bfloat16)
 
 
 def memory_format_of(t: torch.Tensor) -> torch.memory_format:
@@ -68,8 +152,6 @@ def kernel_dtype(conv: nn.Module) -> torch.dtype:
 
 
 _TRIM_AFTER_PACKING = 16 << 20  # bytes of kernel (float32 UNet: -0.15 GB peak RSS, under 0.1 s per batch)
-_HAS_PACKED_CONV = (torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_convolution_pointwise")
-                    and hasattr(torch._C._nn, "mkldnn_reorder_conv2d_weight"))
 
 
 class Conv2d(nn.Conv2d):
@@ -80,7 +162,8 @@ class Conv2d(nn.Conv2d):
     of a UNet step on a 2-core CPU. When ``compute`` is set to ``(dtype, memory_format)`` (by
     :class:`ldm.residency.PartWeights`, on the CPU), the first call without autograd lays the kernel out once
     for its input's shape and keeps only that (the weight parameter stays as stored; its file pages are
-    dropped); later calls reuse it. Setting ``compute`` to None, or any ``.to()``/``.float()``, drops it.
+    dropped); later calls reuse it until the weight changes (another tensor, or an in-place write such as
+    ``load_state_dict`` or an EMA swap). Setting ``compute`` to None, or any ``.to()``/``.float()``, drops it.
 
     In float32, a 3x3 convolution with stride 1 and padding 1 on a large enough input computes by Winograd
     instead (:mod:`ldm.winograd`; a 512x512 UNet step -15 %, the autoencoder's decode -30 %), straight from the
@@ -88,10 +171,13 @@ class Conv2d(nn.Conv2d):
 
     ``forward(x, residual)`` returns ``conv(x) + residual`` (the UNet's residual blocks), on CPU inference with
     the sum in the convolution's epilogue (Winograd: in its output transform).
+
+    The oneDNN calls go through :data:`onednn`: where oneDNN does not compute the dtype on this CPU, or a call
+    fails, the convolution is torch's public one.
     """
 
     compute: tuple[torch.dtype, torch.memory_format] | None = None
-    _packed: torch.Tensor | None = None
+    _packed: tuple[torch.Tensor, torch.Tensor, int] | None = None  # (kernel, the weight it was made from, version)
 
     def prepack(self, dtype: torch.dtype, memory_format: torch.memory_format) -> bool:
         """Compute with the kernel prepacked in ``dtype`` from the next call on; False where it cannot be."""
@@ -102,9 +188,8 @@ class Conv2d(nn.Conv2d):
         return True
 
     def _can_pack(self, dtype: torch.dtype) -> bool:
-        return (_HAS_PACKED_CONV and self.padding_mode == "zeros" and self.groups == 1
-                and isinstance(self.padding, tuple) and dtype in (torch.float32, torch.bfloat16)
-                and is_conv_kernel(self.weight))
+        return (onednn.usable("convolution", dtype) and self.padding_mode == "zeros" and self.groups == 1
+                and isinstance(self.padding, tuple) and is_conv_kernel(self.weight))
 
     def release_packed(self) -> None:
         self.compute, self._packed = None, None
@@ -116,28 +201,49 @@ class Conv2d(nn.Conv2d):
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
         """``conv(x)``, plus ``residual`` when given. On CPU inference in channels_last the sum is taken in the
         convolution's epilogue (in bf16 rounded once), whether the kernel is prepacked or not."""
-        inference = (not torch.is_grad_enabled() and x.device.type == "cpu" and _HAS_PACKED_CONV
+        inference = (not torch.is_grad_enabled() and x.device.type == "cpu"
                      and not torch.compiler.is_compiling())  # inductor lowers the plain convolution itself
-        fused_sum = (residual is not None and _sum_fits(x, residual) and residual.shape == self._output_shape(x))
         if self.compute is not None and inference:
             dtype = self.compute[0]
             tile = self._winograd_tile(x, residual)
             if tile:
                 return winograd.conv3x3(x, self.weight, self.bias, tile, residual)
-            x, weight = x.to(dtype), self._packed_kernel(x)
-        elif (inference and fused_sum and self._can_pack(x.dtype) and x.dtype == self.weight.dtype
-              and _autocast_keeps(x.dtype)):
-            dtype, weight = x.dtype, self.weight
-        else:
+            if onednn.usable("convolution", dtype):
+                return onednn.run("convolution", dtype, lambda: self._onednn(x.to(dtype), residual, packed=True),
+                                  lambda: self._public(x.to(dtype), residual, dtype))
+            return self._public(x.to(dtype), residual, dtype)
+        if (inference and residual is not None and self._sum_fits(x, residual)
+                and x.dtype == self.weight.dtype and _autocast_keeps(x.dtype) and self._can_pack(x.dtype)):
+            return onednn.run("convolution", x.dtype, lambda: self._onednn(x, residual, packed=False),
+                              lambda: self._public(x, residual))
+        return self._public(x, residual)
+
+    def _public(self, x: torch.Tensor, residual: torch.Tensor | None,
+                dtype: torch.dtype | None = None) -> torch.Tensor:
+        """The convolution by torch's public op (weights cast to ``dtype`` when given)."""
+        if dtype is None or dtype == self.weight.dtype:
             y = super().forward(x)
-            return y if residual is None else y.add_(residual)
+        else:
+            bias = None if self.bias is None else self.bias.to(dtype)
+            y = self._conv_forward(x, self.weight.to(dtype), bias)
+        return y if residual is None else y.add_(residual)
+
+    def _onednn(self, x: torch.Tensor, residual: torch.Tensor | None, packed: bool) -> torch.Tensor:
+        """The convolution by oneDNN, the sum in its epilogue where it fits; ``packed``: with the kernel
+        prepacked for ``x``'s shape (see :meth:`_packed_kernel`)."""
+        dtype = x.dtype
+        weight = self._packed_kernel(x) if packed else self.weight
         bias = None if self.bias is None else self.bias.to(dtype)
         conv_args = (list(self.padding), list(self.stride), list(self.dilation), self.groups)
-        if fused_sum and residual.dtype == dtype:
+        if residual is not None and residual.dtype == dtype and self._sum_fits(x, residual):
             return torch.ops.mkldnn._convolution_pointwise.binary(x, residual, weight, bias, *conv_args,
                                                                   "add", None, None, [], None)
         y = torch.ops.mkldnn._convolution_pointwise(x, weight, bias, *conv_args, "none", [], "")
         return y if residual is None else y.add_(residual)
+
+    def _sum_fits(self, x: torch.Tensor, residual: torch.Tensor) -> bool:
+        """Whether oneDNN can add ``residual`` in the epilogue: the output's shape, both channels_last."""
+        return _both_channels_last(x, residual) and residual.shape == self._output_shape(x)
 
     def _output_shape(self, x: torch.Tensor) -> torch.Size:
         size = [(n + 2 * p - d * (k - 1) - 1) // s + 1 for n, p, d, k, s
@@ -155,21 +261,29 @@ class Conv2d(nn.Conv2d):
         return winograd.tile_size(x.shape, self.in_channels, self.out_channels)
 
     def _packed_kernel(self, x: torch.Tensor) -> torch.Tensor:
-        """The kernel laid out for ``x``'s shape, packed at the first call."""
-        if self._packed is None:
-            dtype = self.compute[0]
-            self._packed = torch._C._nn.mkldnn_reorder_conv2d_weight(
-                self.weight.detach().contiguous().to_mkldnn(dtype), list(self.padding), list(self.stride),
-                list(self.dilation), self.groups, list(x.shape))
-            _release_pages(self.weight)
-            if self.weight.numel() * dtype.itemsize >= _TRIM_AFTER_PACKING:
-                return_freed_memory()  # the large copies made while packing, else the heap keeps them
-        return self._packed
+        """The kernel laid out for ``x``'s shape, packed at the first call and again whenever the weight is
+        another tensor or was written in place (its version counter moved). The weight is cast in torch:
+        oneDNN is never asked to convert between two reduced types (fp16 -> bf16 needs AVX512-FP16)."""
+        weight = self.weight.detach()
+        if self._packed is not None:
+            kernel, source, version = self._packed
+            if source.data_ptr() == weight.data_ptr() and version == self.weight._version:
+                return kernel
+            self._packed = None
+        dtype = self.compute[0]
+        kernel = torch._C._nn.mkldnn_reorder_conv2d_weight(
+            weight.to(dtype).contiguous().to_mkldnn(), list(self.padding), list(self.stride),
+            list(self.dilation), self.groups, list(x.shape))
+        self._packed = (kernel, weight, self.weight._version)  # the source stays referenced: its address is unique
+        _release_pages(weight)
+        if weight.numel() * dtype.itemsize >= _TRIM_AFTER_PACKING:
+            return_freed_memory()  # the large copies made while packing, else the heap keeps them
+        return kernel
 
 
-def _sum_fits(x: torch.Tensor, residual: torch.Tensor) -> bool:
-    """Whether oneDNN can add ``residual`` in the epilogue of a convolution of ``x``: both channels_last (in the
-    plain layout oneDNN computes in a blocked one and the sum costs a re-layout)."""
+def _both_channels_last(x: torch.Tensor, residual: torch.Tensor) -> bool:
+    """Whether oneDNN can add ``residual`` in the epilogue of an op on ``x`` without a re-layout: both are
+    channels_last (in the plain layout oneDNN computes in a blocked one)."""
     return memory_format_of(x) == torch.channels_last and memory_format_of(residual) == torch.channels_last
 
 
@@ -190,20 +304,25 @@ def pointwise_conv(conv: nn.Conv2d, x: torch.Tensor, residual: torch.Tensor | No
         return y if residual is None else y.add_(residual)
     weight = conv.weight.reshape(conv.out_channels, conv.in_channels)
     tokens = x.permute(0, 2, 3, 1)
-    if residual is None:
-        return F.linear(tokens, weight, conv.bias).permute(0, 3, 1, 2)
-    if (_fused_cpu_ok(tokens, weight) and residual.dtype == x.dtype and _sum_fits(x, residual)
-            and residual.shape == (x.shape[0], conv.out_channels, *x.shape[2:])):
-        sum_in = residual.permute(0, 2, 3, 1)
-        return torch.ops.mkldnn._linear_pointwise.binary(tokens, sum_in, weight, conv.bias, "add").permute(0, 3, 1, 2)
-    return F.linear(tokens, weight, conv.bias).permute(0, 3, 1, 2).add_(residual)
+
+    def public() -> torch.Tensor:
+        y = F.linear(tokens, weight, conv.bias).permute(0, 3, 1, 2)
+        return y if residual is None else y.add_(residual)
+
+    if (residual is None or not _fused_linear_ok(tokens, weight) or residual.dtype != x.dtype
+            or not _both_channels_last(x, residual)
+            or residual.shape != (x.shape[0], conv.out_channels, *x.shape[2:])):
+        return public()
+    sum_in = residual.permute(0, 2, 3, 1)
+    return onednn.run("linear", x.dtype, lambda: torch.ops.mkldnn._linear_pointwise.binary(
+        tokens, sum_in, weight, conv.bias, "add").permute(0, 3, 1, 2), public)
 
 
-def _fused_cpu_ok(x: torch.Tensor, weight: torch.Tensor) -> bool:
-    """Whether oneDNN's fused linear ops apply: CPU inference without autograd, float32 or bf16 input and weight
-    of one dtype, and no autocast to another dtype."""
-    return (x.device.type == "cpu" and x.dtype == weight.dtype and x.dtype in (torch.float32, torch.bfloat16)
-            and not torch.is_grad_enabled() and _HAS_FUSED_LINEAR and _autocast_keeps(x.dtype)
+def _fused_linear_ok(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Whether oneDNN's fused linear ops apply: CPU inference without autograd, input and weight of one dtype
+    that oneDNN computes here, and no autocast to another dtype."""
+    return (x.device.type == "cpu" and x.dtype == weight.dtype and not torch.is_grad_enabled()
+            and _autocast_keeps(x.dtype) and onednn.usable("linear", x.dtype)
             and not torch.compiler.is_compiling())  # inductor cannot lower these calls; it fuses the plain ops
 
 
@@ -214,9 +333,13 @@ def _autocast_keeps(dtype: torch.dtype) -> bool:
 
 def linear_add(linear: nn.Linear, x: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
     """``linear(x) + residual``; on CPU inference one oneDNN matmul with the sum in its epilogue."""
-    if _fused_cpu_ok(x, linear.weight) and residual.dtype == x.dtype and residual.is_contiguous():
-        return torch.ops.mkldnn._linear_pointwise.binary(x, residual, linear.weight, linear.bias, "add")
-    return linear(x).add_(residual)
+    def public() -> torch.Tensor:
+        return linear(x).add_(residual)
+
+    if _fused_linear_ok(x, linear.weight) and residual.dtype == x.dtype and residual.is_contiguous():
+        return onednn.run("linear", x.dtype, lambda: torch.ops.mkldnn._linear_pointwise.binary(
+            x, residual, linear.weight, linear.bias, "add"), public)
+    return public()
 
 
 def linear_geglu(proj: nn.Linear, x: torch.Tensor) -> torch.Tensor:
@@ -225,11 +348,18 @@ def linear_geglu(proj: nn.Linear, x: torch.Tensor) -> torch.Tensor:
     On CPU inference the two halves are two oneDNN matmuls, the exact (erf) GELU applied in the gate's
     epilogue, and the product taken in place: no (tokens x 2d) buffer and no separate GELU pass.
     """
-    if not _fused_cpu_ok(x, proj.weight):
+    def public() -> torch.Tensor:
         h, gate = proj(x).chunk(2, dim=-1)
         if torch.is_grad_enabled():
             return h * F.gelu(gate)
         return F.gelu(gate).mul_(h)
+
+    if not _fused_linear_ok(x, proj.weight):
+        return public()
+    return onednn.run("linear", x.dtype, lambda: _fused_geglu(proj, x), public)
+
+
+def _fused_geglu(proj: nn.Linear, x: torch.Tensor) -> torch.Tensor:
     d = proj.out_features // 2
     w_h, w_gate = proj.weight[:d], proj.weight[d:]
     b_h, b_gate = (None, None) if proj.bias is None else (proj.bias[:d], proj.bias[d:])
@@ -254,33 +384,6 @@ def preferred_memory_format(device: str | torch.device, dtype: torch.dtype | Non
     if device.type == "cpu" and dtype in (torch.bfloat16, torch.float16):
         return torch.channels_last
     return torch.contiguous_format
-
-
-def cpu_has_native_bf16() -> bool:
-    """Whether this CPU computes bfloat16 in hardware (AVX512-BF16 or AMX)."""
-    checks = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
-    try:
-        return any(bool(getattr(torch.cpu, name)()) for name in checks if hasattr(torch.cpu, name))
-    except RuntimeError:
-        return False
-
-
-def fast_dtype(device: str | torch.device) -> torch.dtype:
-    """The reduced precision that pays on ``device``: float16 on CUDA, bfloat16 on a CPU with native bf16
-    (several times the float32 matmul rate with AMX), else float32."""
-    device = torch.device(device)
-    if device.type == "cuda":
-        return torch.float16
-    if device.type == "cpu" and cpu_has_native_bf16():
-        return torch.bfloat16
-    return torch.float32
-
-
-def autocast(device: str | torch.device, dtype: torch.dtype | None) -> ContextManager:
-    """Autocast to ``dtype`` on ``device``; a null context for float32 or None."""
-    if dtype is None or dtype == torch.float32:
-        return nullcontext()
-    return torch.autocast(torch.device(device).type, dtype=dtype)
 
 
 def tune_cpu_allocator() -> bool:

@@ -107,9 +107,9 @@ def test_precision_choices(monkeypatch):
     assert resolve_precision("full", cpu) == FULL
     assert resolve_precision("autocast", cuda).autocast_dtype == torch.float16
     assert resolve_precision("autocast", mps).autocast_dtype is None
-    monkeypatch.setattr("ldm.pipeline.cpu_has_native_bf16", lambda: True)
+    monkeypatch.setattr("ldm.pipeline.cpu_computes_bf16", lambda: True)
     assert resolve_precision("autocast", cpu) == Precision("autocast", torch.bfloat16, torch.bfloat16)
-    monkeypatch.setattr("ldm.pipeline.cpu_has_native_bf16", lambda: False)
+    monkeypatch.setattr("ldm.pipeline.cpu_computes_bf16", lambda: False)
     assert resolve_precision("autocast", cpu).autocast_dtype is None
     assert resolve_precision("bf16", cpu) == Precision("bf16", torch.bfloat16, torch.bfloat16)
     assert resolve_precision("fp16", cpu).weight_dtype == torch.float16

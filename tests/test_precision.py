@@ -32,13 +32,48 @@ def psnr(a: torch.Tensor, b: torch.Tensor) -> float:
     return (10 * torch.log10(1 / ((a - b) ** 2).mean())).item()
 
 
-def test_fast_dtype(monkeypatch):
-    monkeypatch.setattr(precision, "cpu_has_native_bf16", lambda: True)
-    assert precision.fast_dtype("cpu") == torch.bfloat16
-    monkeypatch.setattr(precision, "cpu_has_native_bf16", lambda: False)
-    assert precision.fast_dtype("cpu") == torch.float32
-    assert precision.fast_dtype("cuda") == torch.float16
-    assert precision.fast_dtype("mps") == torch.float32
+@pytest.mark.parametrize("cap, native", [("AVX2", False), ("AVX512_CORE", False), ("avx512_core_vnni", False),
+                                         ("AVX512_CORE_BF16", True), ("AVX512_CORE_AMX", True), ("", True)])
+def test_bf16_counts_as_native_only_where_the_cap_allows_it(monkeypatch, cap, native):
+    """On a CPU with AVX512-BF16 (stood in for), ONEDNN_MAX_CPU_ISA below AVX512_CORE_BF16 means no native bf16."""
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", cap)
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: True, raising=False)
+    monkeypatch.setattr(precision.onednn, "computes", lambda dtype: True)
+    assert precision.cpu_computes_bf16() == native
+
+
+def test_bf16_is_not_native_without_the_instructions_or_onednn(monkeypatch):
+    monkeypatch.delenv("ONEDNN_MAX_CPU_ISA", raising=False)
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False, raising=False)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False, raising=False)
+    assert not precision.cpu_computes_bf16()
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: True, raising=False)
+    monkeypatch.setattr(precision.onednn, "computes", lambda dtype: dtype == torch.float32)
+    assert not precision.cpu_computes_bf16()
+
+
+def test_onednn_gate_follows_what_onednn_computes_here():
+    """float32 wherever torch has oneDNN; bf16 exactly where torch's oneDNN says so (it honours the ISA cap)."""
+    gate = precision.OneDNN()
+    assert gate.computes(torch.float32) == torch.backends.mkldnn.is_available()
+    assert gate.computes(torch.bfloat16) == (gate.present and torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    assert not gate.computes(torch.float16)
+
+
+def test_a_failing_fast_path_switches_to_the_public_op_once(capsys):
+    gate = precision.OneDNN()
+    calls = []
+
+    def broken():
+        calls.append("fast")
+        raise RuntimeError("could not create a primitive descriptor\nmore")
+
+    assert gate.run("linear", torch.float32, broken, lambda: torch.ones(1)).item() == 1
+    assert gate.run("convolution", torch.float32, broken, lambda: torch.zeros(1)).item() == 0
+    assert not gate.usable("linear", torch.float32) and not gate.usable("convolution", torch.float32)
+    assert calls == ["fast", "fast"]
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 1 and err[0].startswith("notice: oneDNN's fused linear kernel failed") and "descriptor" in err[0]
 
 
 def test_preferred_memory_format():
@@ -47,15 +82,6 @@ def test_preferred_memory_format():
     assert precision.preferred_memory_format("cpu") == torch.contiguous_format
     assert precision.preferred_memory_format("cuda", torch.float16) == torch.channels_last
     assert precision.preferred_memory_format("mps", torch.float16) == torch.contiguous_format
-
-
-def test_autocast_context():
-    from contextlib import nullcontext
-
-    assert isinstance(precision.autocast("cpu", torch.float32), nullcontext)
-    assert isinstance(precision.autocast("cpu", None), nullcontext)
-    with precision.autocast("cpu", torch.bfloat16):
-        assert torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16
 
 
 def _mapping_rss(path: str) -> int:
