@@ -9,6 +9,10 @@ A run writes ``<logdir>/<timestamp>_<name><postfix>/`` with ``checkpoints/`` (``
 state dicts keyed as the model), ``configs/`` (the merged project and lightning configs), ``images/`` (from the
 model's ``log_images``) and CSV metrics. Ctrl-C (or SIGUSR1) saves ``checkpoints/last.ckpt``; ``--resume`` with
 a log folder or a checkpoint continues from it. Nothing here uses the network.
+
+Every checkpoint read here (``--resume``, ``model.params.ckpt_path``, and whatever Lightning restores) goes through
+:func:`ldm.checkpoint.read_checkpoint`, which never runs code from the file: a pickle that would import or call
+anything is refused with one line on stderr and a non-zero exit.
 """
 from __future__ import annotations
 
@@ -27,9 +31,12 @@ import pytorch_lightning as pl
 import torch
 from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.callbacks import Callback
+from pytorch_lightning.plugins import CheckpointIO, TorchCheckpointIO
 from pytorch_lightning.utilities import rank_zero_only
 from torch.utils.data import DataLoader, Dataset, IterableDataset
 
+from ldm.checkpoint import read_checkpoint
+from ldm.errors import LdmError, ModelNotFoundError
 from ldm.util import instantiate_from_config
 
 # Lightning's DDP launcher re-runs this script for ranks > 0; they reuse rank 0's timestamp (same log folder).
@@ -136,6 +143,24 @@ class DataModuleFromConfig(pl.LightningDataModule):
 
     def _eval_dataloader(self, name: str, shuffle: bool = False) -> DataLoader:
         return self._loader(name, shuffle=shuffle)
+
+
+# ---------------------------------------------------------------------------------------------------- checkpoints
+class SafeCheckpointIO(TorchCheckpointIO):
+    """Lightning's checkpoint I/O, reading through :func:`ldm.checkpoint.read_checkpoint` (``weights_only``, the
+    Lightning bookkeeping read as inert data) instead of a plain ``torch.load``; writing is Lightning's own."""
+
+    def load_checkpoint(self, path: str | Path, map_location: Any = None, weights_only: bool | None = None) -> dict:
+        state_dict, extras = read_checkpoint(path)  # CheckpointError (one line) for a file that would run code
+        return {**extras, "state_dict": state_dict}
+
+
+def with_safe_checkpoint_io(plugins: Any) -> list:
+    """``plugins`` (a Trainer argument) plus :class:`SafeCheckpointIO`, unless it names a CheckpointIO already."""
+    plugins = [] if plugins is None else list(plugins) if isinstance(plugins, (list, tuple)) else [plugins]
+    if not any(isinstance(plugin, CheckpointIO) for plugin in plugins):
+        plugins.append(SafeCheckpointIO())
+    return plugins
 
 
 # ---------------------------------------------------------------------------------------------------- callbacks
@@ -275,7 +300,7 @@ class ImageLogger(Callback):
 def resolve_resume(resume: str) -> tuple[str, str]:
     """``--resume`` (a log folder or a checkpoint file in ``<logdir>/checkpoints/``) -> (logdir, checkpoint)."""
     if not os.path.exists(resume):
-        raise FileNotFoundError(f"--resume {resume}: no such file or folder; pass a log folder or a checkpoint")
+        raise ModelNotFoundError(f"--resume {resume}: no such file or folder; pass a log folder or a checkpoint")
     if os.path.isfile(resume):
         ckpt = resume
         logdir = str(Path(resume).resolve().parent.parent)
@@ -283,7 +308,7 @@ def resolve_resume(resume: str) -> tuple[str, str]:
         logdir = resume.rstrip("/")
         ckpt = os.path.join(logdir, "checkpoints", "last.ckpt")
         if not os.path.isfile(ckpt):
-            raise FileNotFoundError(f"--resume {resume}: {ckpt} does not exist; pass a checkpoint file instead")
+            raise ModelNotFoundError(f"--resume {resume}: {ckpt} does not exist; pass a checkpoint file instead")
     return logdir, ckpt
 
 
@@ -356,6 +381,7 @@ def main(argv: Sequence[str] | None = None) -> pl.Trainer:
     ckpt = None
     if opt.resume:
         logdir, ckpt = resolve_resume(opt.resume)
+        read_checkpoint(ckpt)  # refuse an unreadable or unsafe checkpoint before anything is built
         opt.base = sorted(glob.glob(os.path.join(logdir, "configs", "*.yaml"))) + list(opt.base)
         nowname = os.path.basename(logdir)
     else:
@@ -393,6 +419,7 @@ def main(argv: Sequence[str] | None = None) -> pl.Trainer:
     callbacks_cfg = default_callbacks(ckptdir, lightning_config, model)
     trainer_kwargs["callbacks"] = [setup_callback] + [instantiate_from_config(callbacks_cfg[k]) for k in callbacks_cfg]
     trainer_kwargs["default_root_dir"] = logdir
+    trainer_kwargs["plugins"] = with_safe_checkpoint_io(trainer_kwargs.get("plugins"))
     trainer = pl.Trainer(**trainer_kwargs)
     trainer.logdir = logdir
 
@@ -418,7 +445,7 @@ def main(argv: Sequence[str] | None = None) -> pl.Trainer:
     if opt.train:
         trainer.fit(model, datamodule=data, ckpt_path=ckpt)
         if not trainer.interrupted:
-            trainer.save_checkpoint(os.path.join(ckptdir, "last.ckpt"))
+            trainer.save_checkpoint(os.path.join(ckptdir, "last.ckpt"), weights_only=False)
     if not opt.no_test and not trainer.interrupted:
         if not (isinstance(data, DataModuleFromConfig) and data.has_split("test")):
             print("No test split in data: skipping the test (pass --no-test to silence this).")
@@ -430,4 +457,8 @@ def main(argv: Sequence[str] | None = None) -> pl.Trainer:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except LdmError as err:  # a checkpoint that is unsafe, corrupt or does not fit: one line, no traceback
+        print(f"main.py: error: {err}", file=sys.stderr)
+        sys.exit(err.exit_code)

@@ -16,7 +16,7 @@ from omegaconf import OmegaConf
 from torch import nn
 
 import main as main_module
-from ldm.checkpoint import load_model_from_config, read_checkpoint
+from ldm.checkpoint import CheckpointError, load_model_from_config, read_checkpoint
 from ldm.data.toy_shapes import CAPTIONS, ToyShapes, ToyShapesTrain, ToyShapesValidation, spec_for_index
 from ldm.lr_scheduler import LambdaLinearScheduler, LambdaWarmUpCosineScheduler, LambdaWarmUpCosineScheduler2
 from ldm.util import instantiate_from_config
@@ -126,11 +126,77 @@ def test_ema_is_updated_after_each_step(ldm_run):
     assert (ema - trained).norm() < (start - trained).norm()
 
 
-def test_resume_continues_from_last_checkpoint(ldm_run, tmp_path):
-    main_module.main(["--resume", str(ldm_run), "-t", "--no-test", "lightning.trainer.max_steps=4"])
+def test_resume_continues_from_last_checkpoint(ldm_run, tmp_path, caplog):
+    caplog.set_level("DEBUG")
+    trainer = main_module.main(["--resume", str(ldm_run), "-t", "--no-test", "lightning.trainer.max_steps=4"])
+    assert isinstance(trainer.strategy.checkpoint_io, main_module.SafeCheckpointIO)  # what Lightning restored with
     _, extras = read_checkpoint(ldm_run / "checkpoints" / "last.ckpt")
     assert extras["global_step"] == 4
+    assert extras["optimizer_states"] and extras["loops"], "a full training checkpoint, resumable again"
     assert len(list((ldm_run / "configs").glob("*-project.yaml"))) >= 1
+    assert "weights_only" not in caplog.text
+
+
+class _RunsCode:
+    """Unpickling this calls ``os.system``: what a hostile checkpoint does."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return os.system, (f"touch {self.marker}",)
+
+
+@pytest.fixture
+def hostile_ckpt(tmp_path) -> tuple[Path, Path]:
+    """(a Lightning-like checkpoint in a run folder whose unpickling would run a command, the file it would make)."""
+    marker = tmp_path / "pwned"
+    ckpt = tmp_path / "run" / "checkpoints" / "last.ckpt"
+    ckpt.parent.mkdir(parents=True)
+    torch.save({"state_dict": {"w": torch.zeros(1)}, "global_step": 1, "callbacks": {"x": _RunsCode(marker)}}, ckpt)
+    return ckpt, marker
+
+
+def _main_py(args: list[str]) -> subprocess.CompletedProcess:
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
+    return subprocess.run([sys.executable, str(ROOT / "main.py"), *args], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=300)
+
+
+def _assert_refused_in_one_line(result: subprocess.CompletedProcess, ckpt: Path, marker: Path) -> None:
+    assert result.returncode != 0
+    assert not marker.exists(), "the checkpoint's code ran"
+    lines = result.stderr.strip().splitlines()  # Lightning's "Seed set to 23" may come before
+    assert lines[-1].startswith("main.py: error: refusing to load") and str(ckpt) in lines[-1], result.stderr[-2000:]
+    assert not [line for line in lines[:-1] if "error" in line.lower() or str(ckpt) in line], result.stderr[-2000:]
+    assert "Traceback" not in result.stderr and "weights_only" not in result.stderr
+
+
+@pytest.mark.parametrize("form", ["file", "folder"])
+def test_resume_refuses_a_checkpoint_that_would_run_code(hostile_ckpt, form):
+    ckpt, marker = hostile_ckpt
+    result = _main_py(["--resume", str(ckpt if form == "file" else ckpt.parent.parent), "-t", "--no-test"])
+    _assert_refused_in_one_line(result, ckpt, marker)
+
+
+def test_ckpt_path_refuses_a_checkpoint_that_would_run_code(hostile_ckpt, tmp_path):
+    ckpt, marker = hostile_ckpt
+    tiny = write_config(tmp_path / "tiny.yaml", TINY_LDM)
+    result = _main_py(["--base", str(LDM_CONFIG), tiny, "-t", "--no-test", "--logdir", str(tmp_path / "logs"),
+                       f"model.params.ckpt_path={ckpt}"])
+    _assert_refused_in_one_line(result, ckpt, marker)
+
+
+def test_lightning_reads_checkpoints_through_the_safe_loader(hostile_ckpt, ldm_run):
+    """What Lightning itself restores (trainer.fit(ckpt_path=...)) is read by SafeCheckpointIO, not torch.load."""
+    ckpt, marker = hostile_ckpt
+    with pytest.raises(CheckpointError, match="refusing to load"):
+        main_module.SafeCheckpointIO().load_checkpoint(ckpt)
+    assert not marker.exists()
+    checkpoint = main_module.SafeCheckpointIO().load_checkpoint(ldm_run / "checkpoints" / "last.ckpt")
+    assert {"state_dict", "optimizer_states", "loops", "global_step"} <= set(checkpoint)
+    plugins = main_module.with_safe_checkpoint_io(None)
+    assert len(plugins) == 1 and isinstance(plugins[0], main_module.SafeCheckpointIO)
 
 
 class InterruptAt(pl.Callback):
