@@ -97,7 +97,25 @@ def _mapping_rss(path: str) -> int:
     return total
 
 
-@pytest.mark.skipif(not os.path.exists("/proc/self/smaps"), reason="needs Linux /proc")
+def _pageout_missing() -> str | None:
+    """Why this system cannot page out a mapping on request (Linux 5.4+ ``MADV_PAGEOUT``, /proc for checking),
+    or None."""
+    if not os.path.exists("/proc/self/smaps"):
+        return "needs Linux /proc/self/smaps"
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    madvise = libc.madvise
+    madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+    with mmap.mmap(-1, mmap.PAGESIZE) as page:
+        address = ctypes.addressof(ctypes.c_char.from_buffer(page))
+        failed = madvise(address, mmap.PAGESIZE, 21) != 0  # MADV_PAGEOUT
+        errno = ctypes.get_errno()
+        del address
+    return f"the kernel refuses MADV_PAGEOUT (errno {errno}; Linux < 5.4 or a sandbox)" if failed else None
+
+
+@pytest.mark.skipif(_pageout_missing() is not None, reason=str(_pageout_missing()))
 def test_library_pages_are_handed_back(tmp_path):
     """The resident pages of a mapped shared object leave the process (a stand-in library that only this test
     maps: the kernel keeps pages another process maps, such as torch's in a test runner's children)."""

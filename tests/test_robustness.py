@@ -387,7 +387,6 @@ def offline(tiny_ckpt, tiny_config_path, tmp_path_factory):
     env.pop(cli.TRACEBACK_ENV, None)
     env.update(PYTHONPATH=os.pathsep.join([str(tmp / "guard"), str(ROOT)]), LDM_NETWORK_LOG=str(log),
                HF_HOME=str(tmp / "hf"), OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
-    began = time.monotonic()
     probe = subprocess.Popen(["unshare", "-rn", sys.executable, str(tmp / "probe.py"), str(ROOT), str(tmp),
                               str(tiny_ckpt), str(tiny_config_path)], cwd=tmp, env=env, text=True,
                              stdout=subprocess.PIPE, stderr=subprocess.PIPE)
@@ -396,17 +395,15 @@ def offline(tiny_ckpt, tiny_config_path, tmp_path_factory):
                              stderr=subprocess.STDOUT)
     probe_out, probe_err = probe.communicate(timeout=600)
     suite_out, _ = suite.communicate(timeout=600)
-    elapsed = time.monotonic() - began
     attempts = log.read_text().splitlines() if log.exists() else []
     return Namespace(tmp=tmp, probe=(probe.returncode, probe_out, probe_err), suite=(suite.returncode, suite_out),
-                     attempts=attempts, elapsed=elapsed)
+                     attempts=attempts)
 
 
 def test_no_network_is_touched(offline):
     # exactly the guard's own test connection: proof that it was active, and that nothing else tried
     assert len(offline.attempts) == 1 and "guard-selftest.invalid" in offline.attempts[0], offline.attempts
-    # nothing waited on a timeout: both processes together took less than a single connection timeout would
-    assert offline.elapsed < 300
+    # nothing waited on a timeout or retried (a timeout would need a connection attempt, logged above)
     assert not any(word in offline.probe[1] + offline.probe[2] + offline.suite[1]
                    for word in ("timed out", "Retrying", "ConnectionError", "offline mode"))
 
