@@ -31,7 +31,7 @@ import struct
 import sys
 import uuid
 from pathlib import Path
-from typing import Mapping
+from typing import Any, Callable, Mapping
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from a checkout
 
@@ -79,9 +79,11 @@ def target_dtypes(state_dict: Mapping, dtype: str) -> dict:
     return out
 
 
-def write_safetensors(path: Path, state_dict: Mapping, dtypes: Mapping, metadata: Mapping[str, str]) -> None:
+def write_safetensors(path: Path, state_dict: Mapping, dtypes: Mapping, metadata: Mapping[str, str],
+                      written: Callable[[Any], None] | None = None) -> None:
     """Write ``state_dict`` (each tensor cast to ``dtypes[key]`` as it is written) in the safetensors format:
-    an 8-byte little-endian header length, a JSON header of dtype/shape/data_offsets, then the raw data."""
+    an 8-byte little-endian header length, a JSON header of dtype/shape/data_offsets, then the raw data.
+    ``written(tensor)`` is called after each tensor is written."""
     import torch
 
     names = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
@@ -107,6 +109,8 @@ def write_safetensors(path: Path, state_dict: Mapping, dtypes: Mapping, metadata
         for key, tensor in state_dict.items():
             data = tensor.detach().to("cpu", dtypes[key]).contiguous().reshape(-1)
             f.write(data.view(torch.uint8).numpy().data if data.numel() else b"")
+            if written is not None:
+                written(tensor)
         f.flush()
         os.fsync(f.fileno())
 
@@ -267,7 +271,7 @@ def convert_to_diffusers(ckpt: str | Path, output: str | Path | None = None, con
     import torch
 
     from ldm import diffusers_format as df
-    from ldm.checkpoint import read_checkpoint, read_state_dict
+    from ldm.checkpoint import _FilePages, read_checkpoint, read_state_dict
     from ldm.output import interrupts_deferred
     from ldm.pipeline import load_config
     from ldm.run import check_checkpoint_file
@@ -290,6 +294,9 @@ def convert_to_diffusers(ckpt: str | Path, output: str | Path | None = None, con
     if ckpt.exists():
         check_checkpoint_file(ckpt, fix="check the path")
     state_dict, _ = read_checkpoint(ckpt)
+    # the checkpoint is memory-mapped: each tensor's file pages are handed back once it is written and checked,
+    # so converting holds about one tensor, not the whole model twice
+    source_pages = _FilePages.of(ckpt)
     weights, model = model_weights(model_config, state_dict, str(ckpt))
     del state_dict
     configs["text_encoder"], tokenizer, max_length = _text_encoder_files(model.cond_stage_model)
@@ -310,7 +317,7 @@ def convert_to_diffusers(ckpt: str | Path, output: str | Path | None = None, con
             for name, tensors in components.items():
                 _write_json(temp / name / "config.json", configs[name])
                 write_safetensors(temp / name / f"{df.PARTS[name][1]}.safetensors", tensors, component_dtypes[name],
-                                  {"format": "pt"})
+                                  {"format": "pt"}, source_pages.release)
             _write_tokenizer(tokenizer, temp / "tokenizer", max_length)
             _write_json(temp / "scheduler" / "scheduler_config.json", scheduler)
             if checker is not None:
@@ -319,10 +326,12 @@ def convert_to_diffusers(ckpt: str | Path, output: str | Path | None = None, con
         except OSError as err:
             raise OutputError(f"cannot write {temp}: {err.strerror or err}; free some space or choose another "
                               f"output") from None
-        written = df.read_folder(temp, read_state_dict)
+        written, written_pages = df.read_folder(temp, read_state_dict), _FilePages.of(temp)
         for key, tensor in weights.items():
             if not torch.equal(written[key], tensor.to(dtypes[key])):
                 raise OutputError(f"{temp} did not read back equal at {key}; nothing was written")
+            source_pages.release(tensor)
+            written_pages.release(written[key])
         del written
         with interrupts_deferred():
             _rename_no_replace(temp, output)

@@ -276,18 +276,26 @@ def test_diffusers_ddim_image_equals_ours_toy(toy_folder, offline):
         assert a.std() > 20 and max_diff(a, b) <= 3
 
 
+def readme_snippet() -> str:
+    """The python block of the README's diffusers section."""
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    section = readme.split("## Diffusers, both ways", 1)[1]
+    return section.split("```python\n", 1)[1].split("```", 1)[0]
+
+
 def test_readme_snippet_runs_offline(tiny_folder, tmp_path):
-    """The README's diffusers snippet, as a user runs it, with the hub switched off."""
-    code = ("from diffusers import StableDiffusionPipeline\n"
-            f"pipe = StableDiffusionPipeline.from_pretrained({str(tiny_folder)!r})\n"
-            "image = pipe('a photograph of an astronaut riding a horse', num_inference_steps=5).images[0]\n"
-            f"image.save({str(tmp_path / 'astronaut.png')!r})\n")
+    """The README's diffusers snippet as a user runs it (on the CPU here), with the hub switched off."""
+    code = readme_snippet()
+    assert 'from_pretrained("sd-v1-diffusers")' in code and 'pipe.to("cuda", torch.float16)' in code
+    code = code.replace('"sd-v1-diffusers"', repr(str(tiny_folder))).replace(
+        'pipe.to("cuda", torch.float16)', 'pipe.to("cpu", torch.float32)')
     env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", OMP_NUM_THREADS="1")
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=600)
+    result = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, env=env,
+                            timeout=600)
     assert result.returncode == 0, result.stderr[-2000:]
     from PIL import Image
 
-    assert Image.open(tmp_path / "astronaut.png").size == (64, 64)
+    assert Image.open(tmp_path / "astronaut_rides_horse.png").size == (64, 64)
 
 
 def test_safety_checker_is_exported(tiny_ckpt, tiny_config_path, tmp_path, offline):
@@ -535,3 +543,65 @@ def test_incomplete_folder_is_one_line(tiny_folder, tiny_config_path, tmp_path, 
                                             str(tmp_path / "out"), "--safety_checker", "off"], capsys)
     assert code == 1 and "incomplete diffusers folder: scheduler/scheduler_config.json missing" in err
     assert len(err.strip().splitlines()) == 1
+
+
+# ---------------------------------------------------------------------------------------------- full size
+V1_CONFIG = ROOT / "configs" / "stable-diffusion" / "v1-inference.yaml"
+
+
+@pytest.fixture(scope="module")
+def full_assets(tmp_path_factory):
+    """The full-size SD v1 on the reference's deterministic weights: the original-layout .ckpt and its
+    exported diffusers folder (about 4 GB each on disk)."""
+    from ldm.deterministic_weights import write_deterministic_checkpoint
+
+    folder = tmp_path_factory.mktemp("full")
+    ckpt = folder / "sd-v1-det.ckpt"
+    write_deterministic_checkpoint(OmegaConf.load(V1_CONFIG), ckpt, seed=0)
+    out = converter().convert_to_diffusers(ckpt, folder / "diffusers", V1_CONFIG, safety_checker="off")
+    yield ckpt, out
+    shutil.rmtree(folder)
+
+
+@pytest.mark.slow
+def test_full_size_images(full_assets, offline):
+    """Full size, fp32: the folder gives the single file's image, and diffusers' DDIM image is ours."""
+    import gc
+
+    ckpt, folder = full_assets
+    images, x_T = [], None
+    for path in (ckpt, folder):
+        pipe = load_pipeline(V1_CONFIG, path, device="cpu", precision="full", safety_checker="off", verbose=False)
+        images.append(ours_image(pipe, "a photograph of an astronaut riding a horse", 5, 5, 7.5, 0.0, 64))
+        (x_T,) = pipe.noise([5], [4, 8, 8])
+        del pipe
+        gc.collect()
+    assert images[0].std() > 20 and max_diff(images[0], images[1]) <= 1
+    sd_pipe = load_diffusers(folder)
+    theirs = diffusers_image(sd_pipe, x_T, "a photograph of an astronaut riding a horse", 5, 5, 7.5, 0.0, 64)
+    assert max_diff(images[0], theirs) <= 3
+
+
+PEAK_RSS = """
+import sys
+from ldm.pipeline import Settings, load_pipeline
+pipe = load_pipeline(sys.argv[1], sys.argv[2], device="cpu", precision="full", safety_checker="off", verbose=False)
+pipe.generate(["a photograph of an astronaut riding a horse"], [1], Settings(steps=2, height=64, width=64))
+with open("/proc/self/status") as f:
+    print(next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM:")))
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/status")
+def test_full_size_folder_needs_no_more_memory(full_assets):
+    """Peak RSS of a fresh process that loads the model and makes an image (every weight used): the diffusers
+    folder, memory-mapped like the single file, costs no more."""
+    peaks = []
+    for path in full_assets:
+        result = subprocess.run([sys.executable, "-c", PEAK_RSS, str(V1_CONFIG), str(path)], cwd=ROOT,
+                                capture_output=True, text=True, timeout=1200, env=dict(os.environ, OMP_NUM_THREADS="2"))
+        assert result.returncode == 0, result.stderr[-2000:]
+        peaks.append(int(result.stdout.split()[-1]))
+    single_file, folder = peaks
+    assert folder <= single_file * 1.01, f"peak RSS {folder / 2**30:.2f} GiB vs {single_file / 2**30:.2f} GiB"
