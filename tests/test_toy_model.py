@@ -18,7 +18,7 @@ from PIL import Image
 
 from ldm.checkpoint import read_checkpoint
 from ldm.data.toy_shapes import CAPTIONS, CLASSES, render, spec_for_index
-from tests.toy_classifier import classify
+from tests.toy_classifier import classify, inspect
 
 ROOT = Path(__file__).resolve().parent.parent
 MODEL_DIR = ROOT / "models" / "ldm" / "toy-shapes"
@@ -27,8 +27,18 @@ CONFIG = MODEL_DIR / "config.yaml"
 SEEDS_PER_CAPTION = 3
 STEPS = 50  # the txt2img default
 SCALE = 5.0
-# required fraction of correct images, per attribute
-REQUIRED = {"colour": 0.95, "shape": 0.90, "background": 0.98}
+# scripts/txt2img.py runs pinned, so that its images depend neither on this CPU nor on its core count:
+# --precision full (autocast would pick bf16 on a CPU that computes it natively) and one thread.
+PRECISION = "full"
+THREADS = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+# Images (of 24 captions x 3 seeds = 72) that must be right, per sampler and attribute: the shipped model's
+# count measured in fp32 on a 2-core AMD EPYC (AVX2) less 3, so that another CPU's rounding may cost a few.
+# Measured (colour / shape / background): DDIM 72 / 71 / 72, PLMS 69 / 70 / 72, DPM-Solver++ 72 / 71 / 72.
+REQUIRED = {
+    "ddim": {"colour": 69, "shape": 68, "background": 69},
+    "plms": {"colour": 66, "shape": 67, "background": 69},
+    "dpm_solver": {"colour": 69, "shape": 68, "background": 69},
+}
 
 needs_model = pytest.mark.skipif(not CKPT.is_file(), reason="models/ldm/toy-shapes/model.ckpt is not there")
 
@@ -59,6 +69,51 @@ def test_classifier_tells_shapes_apart_when_blurred():
         assert (verdict.colour, verdict.shape, verdict.background) == (spec.colour, spec.shape, spec.background)
 
 
+def test_classifier_measures_roundness_and_no_blotch_on_ground_truth_images():
+    """True circles fill 0.74-0.83 of their bounding box, sharp or blurred; no true image has a blotch."""
+    for index in range(0, 480, 2):
+        spec = spec_for_index(index, seed=13)
+        image = render(spec)
+        padded = np.pad(image.astype(np.float64), ((1, 1), (1, 1), (0, 0)), mode="edge")
+        blurred = (sum(padded[dy:dy + 64, dx:dx + 64] for dy in range(3) for dx in range(3)) / 9.0).round()
+        for img in (image, blurred.astype(np.uint8)):
+            report = inspect(img)
+            assert report.blotch == 0, (spec, report)
+            if spec.shape == "circle":
+                assert 0.74 <= report.fill <= 0.83, (spec, report)
+
+
+def _disc(width: int, exponent: float) -> np.ndarray:
+    """A red superellipse |u|^p + |v|^p <= 1 on white, ``width`` px wide: p=2 a circle, p=4 a rounded square,
+    p=1.4 a rounded diamond."""
+    image = np.full((64, 64, 3), 245, dtype=np.uint8)
+    ys, xs = np.mgrid[0:64, 0:64] + 0.5
+    u, v = (xs - 32) / (width / 2), (ys - 32) / (width / 2)
+    image[np.abs(u) ** exponent + np.abs(v) ** exponent <= 1] = (220, 20, 20)
+    return image
+
+
+def test_classifier_tells_round_circles_from_rounded_squares_and_diamonds():
+    assert 0.74 <= inspect(_disc(36, 2.0)).fill <= 0.83
+    assert inspect(_disc(36, 4.0)).fill > 0.83  # what a model that draws rounded squares gets
+    assert inspect(_disc(36, 1.4)).fill < 0.74
+
+
+def test_classifier_finds_blotches():
+    clean = _disc(36, 2.0)
+    assert inspect(clean).blotch == 0
+    spot = clean.copy()
+    spot[30:33, 30:33] = (60, 10, 10)  # a dark 3x3 spot inside the circle
+    assert inspect(spot).blotch == 9
+    speck = clean.copy()
+    speck[4:6, 4:6] = (180, 200, 180)  # a 2x2 smudge on the background, away from the shape
+    assert inspect(speck).blotch == 4
+    dot = clean.copy()
+    dot[4, 4] = (0, 0, 0)  # one pixel is noise, not a blotch
+    assert inspect(dot).blotch == 0
+    assert inspect(spot).verdict == classify(spot) == ("red", "circle", "white")
+
+
 @needs_model
 def test_shipped_checkpoint_layout_and_size():
     assert CKPT.stat().st_size <= 25 * 2 ** 20, f"{CKPT} is {CKPT.stat().st_size / 2 ** 20:.1f} MiB (limit 25)"
@@ -75,9 +130,9 @@ def _run_txt2img(sampler_flag: list[str], outdir: Path, prompts_file: Path) -> l
     cmd = [sys.executable, str(ROOT / "scripts" / "txt2img.py"), "--config", str(CONFIG), "--ckpt", str(CKPT),
            "--from-file", str(prompts_file), "--n_samples", str(len(CAPTIONS)), "--n_iter", str(SEEDS_PER_CAPTION),
            "--H", "64", "--W", "64", "--ddim_steps", str(STEPS), "--scale", str(SCALE), "--seed", "1000",
-           "--skip_grid", "--outdir", str(outdir), *sampler_flag]
-    result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600,
-                            env=dict(os.environ, PYTHONPATH=str(ROOT)))
+           "--precision", PRECISION, "--skip_grid", "--outdir", str(outdir), *sampler_flag]
+    result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=1800,
+                            env=dict(os.environ, PYTHONPATH=str(ROOT), **THREADS))
     assert result.returncode == 0, result.stderr[-3000:]
     files = sorted((outdir / "samples").glob("*.png"))
     assert len(files) == len(CAPTIONS) * SEEDS_PER_CAPTION, f"{len(files)} samples written"
@@ -87,7 +142,8 @@ def _run_txt2img(sampler_flag: list[str], outdir: Path, prompts_file: Path) -> l
 @needs_model
 @pytest.mark.parametrize("sampler", ["ddim", "plms", "dpm_solver"])
 def test_txt2img_draws_what_the_caption_says(sampler, tmp_path):
-    """All 24 captions x 3 seeds at 64x64 through scripts/txt2img.py (50 steps, scale 5), judged by the classifier."""
+    """All 24 captions x 3 seeds at 64x64 through scripts/txt2img.py (50 steps, scale 5, fp32, one thread),
+    judged by the classifier."""
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("\n".join(CAPTIONS) + "\n")
     flag = {"ddim": [], "plms": ["--plms"], "dpm_solver": ["--dpm_solver"]}[sampler]
@@ -102,10 +158,9 @@ def test_txt2img_draws_what_the_caption_says(sampler, tmp_path):
         right["background"] += verdict.background == background
         if verdict != (colour, shape, background):
             misses.append(f"{CAPTIONS[i % len(CAPTIONS)]} -> {tuple(verdict)}")
-    rates = {k: v / len(images) for k, v in right.items()}
-    report = ", ".join(f"{k} {100 * v:.1f} %" for k, v in rates.items())
-    for key, need in REQUIRED.items():
-        assert rates[key] >= need, f"{sampler}: {report}; {key} needs {100 * need:.0f} %; misses: {misses[:6]}"
+    report = ", ".join(f"{k} {v}/{len(images)}" for k, v in right.items())
+    for key, need in REQUIRED[sampler].items():
+        assert right[key] >= need, f"{sampler}: {report}; {key} needs {need}; misses: {misses[:6]}"
 
 
 @needs_model
