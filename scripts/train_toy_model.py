@@ -1,12 +1,22 @@
-"""Train the toy-shapes text-to-image model from scratch and export it as models/ldm/toy-shapes/.
+"""Train the toy-shapes text-to-image model and export it as models/ldm/toy-shapes/.
 
-    python scripts/train_toy_model.py            # run from the repository root
+    python scripts/train_toy_model.py                  # from scratch, run from the repository root
+    python scripts/train_toy_model.py --start_from models/ldm/toy-shapes/model.ckpt   # stages 3-4 on an export
 
-Runs ``main.py`` twice (the autoencoder of configs/toy-shapes/autoencoder.yaml, then the latent diffusion model
-of configs/toy-shapes/ldm.yaml on top of it), then exports the last LDM checkpoint: EMA weights baked into the
-UNet, ``model_ema.*`` dropped, module weights stored as float16, in the original ``{"state_dict": ...}`` layout,
-with the matching inference config (``use_ema: False``, the measured ``scale_factor``). Extra ``key=value``
-arguments after ``--ae``/``--ldm`` are passed to that main.py run.
+Four ``main.py`` runs (see docs/training.md for the recipe and what each stage brings):
+
+1. ``autoencoder``: configs/toy-shapes/autoencoder.yaml, constant learning rate;
+2. ``ldm``: configs/toy-shapes/ldm.yaml on the latents of 1 (ldm-cached-latents.yaml: encoded once);
+3. ``autoencoder-ft``: 1 continued at a tenth of the learning rate (autoencoder-finetune.yaml);
+4. ``ldm-ft``: 2 continued on the latents of 3, cosine learning-rate decay (ldm-finetune.yaml), starting from the
+   EMA weights of 2.
+
+``--start_from`` takes stages 1 and 2 from an exported model instead (its autoencoder, and its UNet with the EMA
+baked in). The last LDM checkpoint is exported: EMA weights baked into the UNet, ``model_ema.*`` dropped, module
+weights stored as float16, in the original ``{"state_dict": ...}`` layout, with the matching inference config
+(``use_ema: False``, the measured ``scale_factor``, the autoencoder put back as the first stage). Extra
+``key=value`` arguments after ``--ae``/``--ldm``/``--ae_ft``/``--ldm_ft`` are passed to that stage's main.py run.
+On a busy machine, ``OMP_NUM_THREADS=1`` is much faster than two threads that wait for each other.
 """
 from __future__ import annotations
 
@@ -21,15 +31,20 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-AE_CONFIG = "configs/toy-shapes/autoencoder.yaml"
-LDM_CONFIG = "configs/toy-shapes/ldm.yaml"
+CONFIGS = "configs/toy-shapes"
+AE_CONFIG = f"{CONFIGS}/autoencoder.yaml"
+AE_FINETUNE = f"{CONFIGS}/autoencoder-finetune.yaml"
+LDM_CONFIG = f"{CONFIGS}/ldm.yaml"
+LDM_LATENTS = f"{CONFIGS}/ldm-cached-latents.yaml"
+LDM_FINETUNE = f"{CONFIGS}/ldm-finetune.yaml"
 OUT_DIR = "models/ldm/toy-shapes"
+FIRST_STAGE_CKPT = "model.params.first_stage_config.params.ckpt_path"
 
 
-def train(config: str, name: str, logdir: str, seed: int, overrides: list[str]) -> Path:
-    """Run ``main.py --base config -t`` and return its run folder."""
+def train(configs: list[str], name: str, logdir: str, seed: int, overrides: list[str]) -> Path:
+    """Run ``main.py --base configs -t`` and return its run folder."""
     before = set(glob.glob(os.path.join(logdir, f"*_{name}")))
-    cmd = [sys.executable, "main.py", "--base", config, "-t", "--no-test", "--logdir", logdir, "--name", name,
+    cmd = [sys.executable, "main.py", "--base", *configs, "-t", "--no-test", "--logdir", logdir, "--name", name,
            "--seed", str(seed), *overrides]
     print("+", " ".join(cmd), flush=True)
     start = time.time()
@@ -56,6 +71,51 @@ def bake_ema(state_dict: dict) -> dict:
     return out
 
 
+def ldm_init_from_run(ldm_run: Path, out: Path) -> Path:
+    """A checkpoint to continue the LDM of ``ldm_run`` from: its EMA weights as the UNet and as the EMA's start
+    (update count 0), its text encoder and ``scale_factor``; no first stage (trained on cached latents)."""
+    from ldm.checkpoint import read_checkpoint
+
+    state_dict, _ = read_checkpoint(ldm_run / "checkpoints" / "last.ckpt")
+    unet = {k: v for k, v in bake_ema(state_dict).items() if not k.startswith("first_stage_model.")}
+    return _save_ldm_init(unet, float(state_dict["scale_factor"]), out)
+
+
+def _save_ldm_init(state_dict: dict, scale_factor: float, out: Path) -> Path:
+    import torch
+
+    sd = {k: v.float() if v.is_floating_point() else v for k, v in state_dict.items()}
+    for key in [k for k in sd if k.startswith("model.")]:
+        sd["model_ema." + key[len("model."):].replace(".", "")] = sd[key].clone()
+    sd["model_ema.decay"] = torch.tensor(0.9999)
+    sd["model_ema.num_updates"] = torch.tensor(0, dtype=torch.int)
+    sd["scale_factor"] = torch.tensor(scale_factor)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    torch.save({"state_dict": sd, "global_step": 0}, out)
+    return out
+
+
+def split_export(model_ckpt: Path, logdir: str) -> tuple[Path, Path]:
+    """An exported model (``model.ckpt`` and its ``config.yaml`` beside it) -> (autoencoder checkpoint, LDM init
+    checkpoint) in ``logdir``: what stages 1 and 2 would have left."""
+    import torch
+    from omegaconf import OmegaConf
+
+    from ldm.checkpoint import read_checkpoint
+
+    state_dict, _ = read_checkpoint(model_ckpt)
+    scale_factor = float(OmegaConf.load(model_ckpt.parent / "config.yaml").model.params.scale_factor)
+    folder = Path(logdir) / f"from-{model_ckpt.parent.name}"
+    folder.mkdir(parents=True, exist_ok=True)
+    prefix = "first_stage_model."
+    autoencoder = {k[len(prefix):]: v.float() for k, v in state_dict.items() if k.startswith(prefix)}
+    autoencoder["loss.logvar"] = torch.zeros(())  # the loss's (untrained) log-variance, not part of the export
+    ae_ckpt = folder / "autoencoder.ckpt"
+    torch.save({"state_dict": autoencoder, "global_step": 0}, ae_ckpt)
+    ldm = {k: v for k, v in state_dict.items() if not k.startswith(prefix)}
+    return ae_ckpt, _save_ldm_init(ldm, scale_factor, folder / "ldm-init.ckpt")
+
+
 def export(ldm_run: Path, out_dir: Path) -> None:
     """Write ``model.ckpt`` (EMA baked in, fp16 weights) and ``config.yaml`` for inference into ``out_dir``."""
     import torch
@@ -66,17 +126,22 @@ def export(ldm_run: Path, out_dir: Path) -> None:
     state_dict, extras = read_checkpoint(ldm_run / "checkpoints" / "last.ckpt")
     state_dict = bake_ema(state_dict)
     scale_factor = float(state_dict.pop("scale_factor"))
-    half = {k: v.detach().clone().half() if v.is_floating_point() and "." in k else v.detach().clone()
-            for k, v in state_dict.items()}  # schedule buffers (no dot in the key) stay float32
-
     project = OmegaConf.load(sorted((ldm_run / "configs").glob("*-project.yaml"))[-1])
     model = project.model
     params = model.params
+    first_stage = params.first_stage_config
+    if first_stage.target == "ldm.models.autoencoder.IdentityFirstStage":  # trained on cached latents
+        first_stage.target = "ldm.models.autoencoder.AutoencoderKL"
+        autoencoder, _ = read_checkpoint(first_stage.params.ckpt_path)
+        state_dict.update({f"first_stage_model.{k}": v for k, v in autoencoder.items() if not k.startswith("loss.")})
+    half = {k: v.detach().clone().half() if v.is_floating_point() and "." in k else v.detach().clone()
+            for k, v in state_dict.items()}  # schedule buffers (no dot in the key) stay float32
+
     params.use_ema = False
     params.scale_by_std = False
     params.scale_factor = scale_factor
-    params.first_stage_config.params.pop("ckpt_path", None)
-    for training_only in ("ucg_training", "scheduler_config"):
+    first_stage.params.pop("ckpt_path", None)
+    for training_only in ("ucg_training", "scheduler_config", "ckpt_path", "ignore_keys"):
         params.pop(training_only, None)
     config = OmegaConf.create({"model": model})
 
@@ -96,9 +161,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--logdir", default="logs", help="where main.py writes its run folders")
     parser.add_argument("--out", default=OUT_DIR, help="export folder for model.ckpt and config.yaml")
     parser.add_argument("--seed", type=int, default=23)
-    parser.add_argument("--ae", nargs="*", default=[], metavar="KEY=VALUE", help="overrides for the autoencoder run")
-    parser.add_argument("--ldm", nargs="*", default=[], metavar="KEY=VALUE", help="overrides for the LDM run")
-    parser.add_argument("--autoencoder_run", help="skip the autoencoder training: use this run folder")
+    parser.add_argument("--start_from", metavar="MODEL_CKPT",
+                        help="skip stages 1-2: take the autoencoder and the LDM of this exported model.ckpt")
+    for stage in ("ae", "ldm", "ae_ft", "ldm_ft"):
+        parser.add_argument(f"--{stage}", nargs="*", default=[], metavar="KEY=VALUE",
+                            help=f"overrides for the {stage.replace('_', '-')} run")
+    parser.add_argument("--autoencoder_run", help="skip stage 1: use this autoencoder run folder")
     parser.add_argument("--export_only", metavar="LDM_RUN", help="only export this LDM run folder")
     opt = parser.parse_args(argv)
     os.chdir(ROOT)
@@ -106,12 +174,21 @@ def main(argv: list[str] | None = None) -> None:
     if opt.export_only:
         export(Path(opt.export_only), Path(opt.out))
         return
-    ae_run = Path(opt.autoencoder_run) if opt.autoencoder_run else \
-        train(AE_CONFIG, "toy-shapes-autoencoder", opt.logdir, opt.seed, opt.ae)
-    ae_ckpt = ae_run / "checkpoints" / "last.ckpt"
-    ldm_run = train(LDM_CONFIG, "toy-shapes-ldm", opt.logdir, opt.seed,
-                    [f"model.params.first_stage_config.params.ckpt_path={ae_ckpt}", *opt.ldm])
-    export(ldm_run, Path(opt.out))
+    if opt.start_from:
+        ae_ckpt, ldm_init = split_export(Path(opt.start_from).resolve(), opt.logdir)
+    else:
+        ae_run = Path(opt.autoencoder_run) if opt.autoencoder_run else \
+            train([AE_CONFIG], "toy-shapes-autoencoder", opt.logdir, opt.seed, opt.ae)
+        ae_ckpt = ae_run / "checkpoints" / "last.ckpt"
+        ldm_run = train([LDM_CONFIG, LDM_LATENTS], "toy-shapes-ldm", opt.logdir, opt.seed,
+                        [f"{FIRST_STAGE_CKPT}={ae_ckpt}", *opt.ldm])
+        ldm_init = ldm_init_from_run(ldm_run, ldm_run / "checkpoints" / "ldm-init.ckpt")
+    ae_ft_run = train([AE_CONFIG, AE_FINETUNE], "toy-shapes-autoencoder-ft", opt.logdir, opt.seed,
+                      [f"model.params.ckpt_path={ae_ckpt}", *opt.ae_ft])
+    ldm_ft_run = train([LDM_CONFIG, LDM_LATENTS, LDM_FINETUNE], "toy-shapes-ldm-ft", opt.logdir, opt.seed,
+                       [f"{FIRST_STAGE_CKPT}={ae_ft_run / 'checkpoints' / 'last.ckpt'}",
+                        f"model.params.ckpt_path={ldm_init}", *opt.ldm_ft])
+    export(ldm_ft_run, Path(opt.out))
     print(f"total {time.time() - start:.0f} s")
 
 

@@ -17,7 +17,14 @@ from torch import nn
 
 import main as main_module
 from ldm.checkpoint import CheckpointError, load_model_from_config, read_checkpoint
-from ldm.data.toy_shapes import CAPTIONS, ToyShapes, ToyShapesTrain, ToyShapesValidation, spec_for_index
+from ldm.data.toy_shapes import (
+    CAPTIONS,
+    ToyShapes,
+    ToyShapesLatents,
+    ToyShapesTrain,
+    ToyShapesValidation,
+    spec_for_index,
+)
 from ldm.lr_scheduler import LambdaLinearScheduler, LambdaWarmUpCosineScheduler, LambdaWarmUpCosineScheduler2
 from ldm.util import instantiate_from_config
 from tests.conftest import TINY
@@ -253,6 +260,93 @@ def test_ddp_two_cpu_processes(tmp_path):
     assert extras["global_step"] == 2
     assert "2 (num_gpus)" in result.stdout
     load_model_from_config(merged_model_config(run), run / "checkpoints" / "last.ckpt")
+
+
+# -------------------------------------------------------------------------------------------------- toy model recipe
+TINY_AE_ARGS = ["model.params.ddconfig.ch_mult=[1,1,1,1]", "data.params.batch_size=2",
+                "data.params.train.params.size=8", "data.params.validation.params.size=2",
+                "lightning.trainer.max_steps=2", "lightning.trainer.val_check_interval=2",
+                "lightning.callbacks.image_logger.params.disabled=true"]
+TINY_LDM_ARGS = ["model.params.unet_config.params.model_channels=32",
+                 "model.params.unet_config.params.channel_mult=[1]",
+                 "model.params.unet_config.params.attention_resolutions=[1]",
+                 "model.params.first_stage_config.params.ddconfig.ch_mult=[1,1,1,1]",
+                 f"model.params.cond_stage_config.params.version={TINY / 'clip'}",
+                 "model.params.scheduler_config.params.warm_up_steps=[1]",
+                 "model.params.scheduler_config.params.cycle_lengths=[3]", "data.params.batch_size=4",
+                 "data.params.train.params.size=8", "data.params.validation.params.size=4",
+                 "lightning.trainer.max_steps=3", "lightning.trainer.val_check_interval=3"]
+
+
+def test_toy_latents_are_the_autoencoder_posterior_and_cached(tmp_path):
+    tiny = write_config(tmp_path / "tiny.yaml", TINY_AE)
+    main_module.main(["--base", str(AE_CONFIG), tiny, "-t", "--no-test", "--logdir", str(tmp_path / "logs")])
+    ckpt = run_dir(tmp_path / "logs") / "checkpoints" / "last.ckpt"
+    ae_config = OmegaConf.merge(OmegaConf.load(AE_CONFIG), TINY_AE).model
+    ae_config.params.ckpt_path = str(ckpt)
+    latents = ToyShapesLatents(ae_config, size=6, seed=4)
+    cache = Path(f"{ckpt}.latents-seed4-size6.pt")
+    assert cache.is_file()
+    model = instantiate_from_config(ae_config).eval()
+    images = torch.from_numpy(np.stack([ToyShapes(6, seed=4)[i]["image"] for i in range(6)])).permute(0, 3, 1, 2)
+    with torch.no_grad():
+        posterior = model.encode(images)
+    torch.testing.assert_close(latents.mean, posterior.mean.permute(0, 2, 3, 1), rtol=1e-5, atol=1e-5)
+    item = latents[5]
+    assert item["image"].shape == (8, 8, 4) and item["txt"] == ToyShapes(6, seed=4)[5]["txt"]
+    assert not torch.equal(latents[5]["image"], item["image"]), "a fresh posterior sample per access"
+    # a second dataset reads the cache; a cache cut short or of a changed checkpoint is made again
+    cache.write_bytes(cache.read_bytes()[:100])
+    torch.testing.assert_close(ToyShapesLatents(ae_config, size=6, seed=4).mean, latents.mean)
+    stamp = cache.stat().st_mtime_ns
+    ToyShapesLatents(ae_config, size=6, seed=4)
+    assert cache.stat().st_mtime_ns == stamp, "the cache was rebuilt although nothing changed"
+    os.utime(ckpt, ns=(stamp + 10**9, stamp + 10**9))
+    ToyShapesLatents(ae_config, size=6, seed=4)
+    assert cache.stat().st_mtime_ns != stamp, "a cache of another checkpoint was reused"
+
+
+def test_train_toy_model_runs_the_recipe_and_exports(tmp_path):
+    """scripts/train_toy_model.py on tiny models: the four main.py stages, then an export that loads strictly, with
+    the fine-tuned autoencoder as its first stage and the EMA weights of the continued LDM; --start_from splits an
+    export into what stages 1 and 2 leave."""
+    sys.path.insert(0, str(ROOT / "scripts"))
+    import train_toy_model
+
+    logdir, out = tmp_path / "logs", tmp_path / "export"
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    stages = ["--ae", *TINY_AE_ARGS, "--ae_ft", *TINY_AE_ARGS, "--ldm", *TINY_LDM_ARGS, "--ldm_ft", *TINY_LDM_ARGS]
+    cmd = [sys.executable, str(ROOT / "scripts" / "train_toy_model.py"), "--logdir", str(logdir), "--out", str(out)]
+    result = subprocess.run([*cmd, *stages], cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stderr[-3000:]
+    runs = {p.name.split("_", 1)[1]: p for p in logdir.iterdir() if "_toy-shapes" in p.name}
+    assert sorted(runs) == ["toy-shapes-autoencoder", "toy-shapes-autoencoder-ft", "toy-shapes-ldm",
+                            "toy-shapes-ldm-ft"]
+    config = OmegaConf.load(out / "config.yaml")
+    assert config.model.params.first_stage_config.target == "ldm.models.autoencoder.AutoencoderKL"
+    assert "ckpt_path" not in OmegaConf.to_yaml(config) and config.model.params.use_ema is False
+    model = load_model_from_config(config, out / "model.ckpt")  # strict
+    autoencoder, _ = read_checkpoint(runs["toy-shapes-autoencoder-ft"] / "checkpoints" / "last.ckpt")
+    torch.testing.assert_close(model.first_stage_model.decoder.conv_out.weight,
+                               autoencoder["decoder.conv_out.weight"].half().float())
+    trained, extras = read_checkpoint(runs["toy-shapes-ldm-ft"] / "checkpoints" / "last.ckpt")
+    assert extras["global_step"] == 3
+    torch.testing.assert_close(model.model.diffusion_model.out[2].weight,
+                               trained["model_ema.diffusion_modelout2weight"].half().float())
+    # the continued LDM started from the EMA weights of the first one
+    first, _ = read_checkpoint(runs["toy-shapes-ldm"] / "checkpoints" / "last.ckpt")
+    init, _ = read_checkpoint(runs["toy-shapes-ldm"] / "checkpoints" / "ldm-init.ckpt")
+    assert torch.equal(init["model.diffusion_model.out.2.weight"], first["model_ema.diffusion_modelout2weight"])
+    assert int(init["model_ema.num_updates"]) == 0
+    # stages 3 and 4 from an export: its autoencoder and LDM
+    ae_ckpt, ldm_init = train_toy_model.split_export(out / "model.ckpt", str(tmp_path / "split"))
+    exported, _ = read_checkpoint(out / "model.ckpt")
+    split, _ = read_checkpoint(ae_ckpt)
+    assert torch.equal(split["decoder.conv_out.weight"], exported["first_stage_model.decoder.conv_out.weight"].float())
+    sd, _ = read_checkpoint(ldm_init)
+    unet_out = exported["model.diffusion_model.out.2.weight"].float()
+    assert torch.equal(sd["model_ema.diffusion_modelout2weight"], unet_out)
+    assert float(sd["scale_factor"]) == config.model.params.scale_factor
 
 
 # -------------------------------------------------------------------------------------------------- LDM pieces
