@@ -61,7 +61,8 @@ def export(ldm_run: Path, out_dir: Path) -> None:
     import torch
     from omegaconf import OmegaConf
 
-    from ldm.checkpoint import load_model_from_config, read_checkpoint
+    from ldm.loading.build import load_model_from_config
+    from ldm.loading.checkpoint import read_checkpoint
 
     state_dict, extras = read_checkpoint(ldm_run / "checkpoints" / "last.ckpt")
     state_dict = bake_ema(state_dict)

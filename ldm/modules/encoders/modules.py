@@ -207,7 +207,7 @@ def find_bert_tokenizer(version: str = DEFAULT_BERT_VERSION) -> Path:
     for base in (Path.cwd(), PROJECT_ROOT):
         if _has_bert_vocab(base / MODELS_DIR / version):
             return base / MODELS_DIR / version
-    from ldm.safety import hf_cache_folder
+    from ldm.loading.local_files import hf_cache_folder
 
     for repo_id in BERT_HUB_IDS.get(version, (version,)):
         try:
