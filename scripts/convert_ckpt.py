@@ -281,6 +281,8 @@ def convert_to_diffusers(ckpt: str | Path, output: str | Path | None = None, con
 
     ckpt = Path(ckpt)
     output = Path(output) if output else ckpt.with_suffix("")
+    if output.suffix.lower() in (".safetensors", ".ckpt", ".pt", ".pth", ".bin"):
+        raise InputError(f"the output {output} of --to diffusers is a folder; name it without a file suffix")
     if output.exists() or output.is_symlink():
         raise OutputError(f"{output} already exists; not overwriting it: remove it or name another output")
     if not output.parent.is_dir():

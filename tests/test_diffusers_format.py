@@ -393,6 +393,20 @@ def test_checkpoint_that_does_not_fit_the_config_is_refused(tmp_path, tiny_confi
     assert sorted(os.listdir(tmp_path)) == ["broken.ckpt"]
 
 
+def test_what_the_layout_cannot_hold_is_refused(tiny_ckpt, tmp_path, capsys):
+    config = tiny_config()
+    config.model.params.unet_config.params.use_scale_shift_norm = True
+    config_path = tmp_path / "other.yaml"
+    OmegaConf.save(config, config_path)
+    for argv, words in (([str(tmp_path / "out"), "--config", str(config_path)], "use_scale_shift_norm: True"),
+                        ([str(tmp_path / "out.safetensors")], "is a folder; name it without a file suffix")):
+        code = cli.main(converter().main, [str(tiny_ckpt)] + argv + ["--to", "diffusers", "--safety_checker", "off"],
+                        prog="convert_ckpt.py")
+        err = capsys.readouterr().err
+        assert code != 0 and words in err and len(err.strip().splitlines()) == 1
+    assert sorted(os.listdir(tmp_path)) == ["other.yaml"]
+
+
 def test_command_line_both_ways(tiny_ckpt, tiny_config_path, tmp_path):
     """CKPT -> folder -> .safetensors: the file holds every tensor of the checkpoint, schedule included."""
     env = dict(os.environ, OMP_NUM_THREADS="1")

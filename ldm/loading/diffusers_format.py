@@ -381,14 +381,13 @@ def _heads_per_level(unet: Mapping) -> list[int]:
 def unet_config(params: Mapping) -> dict:
     """``unet/config.json`` for a ``LatentDiffusion`` config's params; unsupported UNet options are errors."""
     unet = _get(_get(params, "unet_config", {}), "params", {})
-    unsupported = {"use_spatial_transformer": (False, "a UNet without cross-attention transformers"),
-                   "resblock_updown": (True, "resblock_updown"), "use_scale_shift_norm": (True, "use_scale_shift_norm"),
-                   "conv_resample": (False, "conv_resample: False")}
-    defaults = {"use_spatial_transformer": False, "resblock_updown": False, "use_scale_shift_norm": False,
-                "conv_resample": True}
-    for name, (bad, what) in unsupported.items():
-        if bool(_get(unet, name, defaults[name])) == bad:
-            raise DiffusersFormatError(f"the UNet uses {what}, which the SD v1 diffusers layout cannot hold")
+    # the UNet options SD v1 has, with their defaults: any other value has no place in the diffusers layout
+    sd_v1 = {"use_spatial_transformer": (True, False), "resblock_updown": (False, False),
+             "use_scale_shift_norm": (False, False), "conv_resample": (True, True)}
+    other = [f"{name}: {not want}" for name, (want, default) in sd_v1.items()
+             if bool(_get(unet, name, default)) != want]
+    if other:
+        raise DiffusersFormatError(f"the UNet has {', '.join(other)}, which the SD v1 diffusers layout cannot hold")
     if _get(unet, "num_classes") is not None or int(_get(unet, "dims", 2)) != 2:
         raise DiffusersFormatError("the UNet is class-conditional or not 2-D; the SD v1 diffusers layout cannot "
                                    "hold it")
