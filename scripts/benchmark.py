@@ -14,9 +14,9 @@ the same weights are written once to ``--workdir``. diffusers is a benchmark-onl
   algorithm patched in (einsum attention materialising the (tokens x tokens) matrix, rearranges, plain ops).
 * ``vae``: one VAE decode (batch 1) in one process, alternating ours and diffusers' ``AutoencoderKL``.
 * ``e2e``: text-to-image (1 sample, ``--steps`` DDIM steps, guidance 7.5) in fresh processes, alternating
-  ``ldm.inference.pipeline`` from the ``.ckpt`` and ``StableDiffusionPipeline.from_pretrained`` from the folder; wall time
-  from interpreter start to decoded image, and the process's peak RSS (VmHWM). In bf16, ours also runs from the
-  bf16 ``.safetensors`` (weights stored as computed).
+  ``ldm.inference.pipeline`` from the ``.ckpt`` and ``StableDiffusionPipeline.from_pretrained`` from the folder;
+  wall time from interpreter start to decoded image, and the process's peak RSS (VmHWM). In bf16, ours also runs
+  from the bf16 ``.safetensors`` (weights stored as computed).
 * ``load``: peak RSS of loading alone, per checkpoint format and weight dtype.
 * ``big``: a 1024x1024 text-to-image run of ours (peak RSS; ``--big-steps`` steps).
 
@@ -278,7 +278,8 @@ def _unet_inputs(args, dtype, device):
 
 def _ours(paths, dtype, device):
     """Our model as the pipeline runs it: on the CPU loaded as stored, its UNet and autoencoder in use
-    (converted to ``dtype``, convolution kernels prepacked; see ldm.inference.residency); elsewhere converted at load."""
+    (converted to ``dtype``, convolution kernels prepacked; see ldm.inference.residency); elsewhere converted at
+    load."""
     import torch
     from omegaconf import OmegaConf
 

@@ -1,5 +1,5 @@
 """Make variations of an input image with Stable Diffusion v1: the original script's flags, plus --dpm_solver and
-the new ones in ldm/cli.py.
+the new ones in ldm/app/cli.py.
 
 The work is done by :func:`ldm.app.run.run`; this file only parses flags.
 """

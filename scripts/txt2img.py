@@ -1,4 +1,4 @@
-"""Text-to-image sampling with Stable Diffusion v1: the original script's flags, plus the new ones in ldm/cli.py.
+"""Text-to-image sampling with Stable Diffusion v1: the original script's flags, plus the new ones in ldm/app/cli.py.
 
 The work is done by :func:`ldm.app.run.run`; this file only parses flags.
 """

@@ -19,6 +19,8 @@ from typing import Any, Callable
 
 import torch
 
+from ldm.errors import first_line
+
 # ONEDNN_MAX_CPU_ISA values below the first ISA with bfloat16 arithmetic (AVX512_CORE_BF16); oneDNN emulates
 # bf16 on AVX512_CORE and only converts on AVX2_VNNI_2
 _ISAS_WITHOUT_BF16 = {"SSE41", "AVX", "AVX2", "AVX2_VNNI", "AVX2_VNNI_2", "AVX512_CORE", "AVX512_CORE_VNNI"}
@@ -67,7 +69,7 @@ class Gate:
 
     def fail(self, op: str, dtype: torch.dtype, err: BaseException) -> None:
         """Switch ``op`` in ``dtype`` to the public op for the rest of the process."""
-        why = str(err).splitlines()[0] if str(err) else type(err).__name__
+        why = first_line(err)
         self.failed[(op, dtype)] = why
         if not self.noticed:
             self.noticed = True

@@ -81,7 +81,7 @@ def load_config(path: str | Path):
     try:
         config = OmegaConf.load(path)
     except (OSError, UnicodeDecodeError, YAMLError, OmegaConfBaseException) as err:
-        raise InputError(f"cannot read config {path}: {str(err).splitlines()[0] if str(err) else err}") from None
+        raise InputError(f"cannot read config {path}: {first_line(err)}") from None
     if not hasattr(config, "get") or config.get("model") is None or "target" not in config.model:
         raise InputError(f"config {path} has no model.target entry; use a model config such as {DEFAULT_CONFIG}")
     return config

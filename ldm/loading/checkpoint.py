@@ -14,7 +14,9 @@
 """
 from __future__ import annotations
 
+import io
 import pickle
+import pickletools
 import warnings
 import zipfile
 from collections import OrderedDict
@@ -100,17 +102,47 @@ def _torch_load(path: Path) -> Any:
         return torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
 
 
-def _unsafe_globals(path: Path) -> list[str] | None:
-    """The globals of the checkpoint's pickle that the safe unpickler does not allow, or None where the file
-    cannot be inspected (not a checkpoint, or a torch without the inspection)."""
-    inspect = getattr(torch.serialization, "get_unsafe_globals_in_checkpoint", None)
-    if inspect is None:
-        return None
+def _pickle_globals(path: Path) -> list[str] | None:
+    """The ``module.name`` globals a checkpoint's pickle references (zip checkpoints: their ``data.pkl``; legacy
+    ones: the pickles at the start of the file), read with ``pickletools`` (nothing is unpickled); None where
+    no pickle can be read."""
     try:
-        with torch.serialization.safe_globals(_LIGHTNING_EXTRAS):
-            return list(inspect(path))
-    except Exception:  # torch parses untrusted bytes
+        if zipfile.is_zipfile(path):
+            with zipfile.ZipFile(path) as archive:
+                name = next((n for n in archive.namelist() if n.endswith("/data.pkl") or n == "data.pkl"), None)
+                data = archive.read(name) if name else b""
+        else:
+            data = path.read_bytes()
+    except (OSError, zipfile.BadZipFile):
         return None
+    found, strings, stream, complete = [], [], io.BytesIO(data), 0
+    try:
+        while stream.tell() < len(data):  # a legacy checkpoint is several pickles, then raw storage bytes
+            for opcode, arg, _ in pickletools.genops(stream):
+                if opcode.name == "STOP":
+                    complete += 1
+                elif opcode.name in ("GLOBAL", "INST"):
+                    found.append(arg.replace(" ", "."))
+                elif opcode.name == "STACK_GLOBAL" and len(strings) >= 2:
+                    found.append(".".join(strings[-2:]))
+                elif isinstance(arg, str):
+                    strings.append(arg)
+    except (ValueError, pickle.UnpicklingError, EOFError):  # the raw bytes after the last pickle
+        pass
+    return found if complete else None
+
+
+_SAFE_GLOBAL_PREFIXES = ("torch.", "collections.OrderedDict", "builtins.set", "builtins.frozenset")
+
+
+def _unsafe_globals(path: Path) -> list[str] | None:
+    """The globals of the checkpoint's pickle that the safe unpickler refuses (neither torch's own nor a Lightning
+    extra read as inert data), or None where the file holds no readable pickle."""
+    found = _pickle_globals(path)
+    if found is None:
+        return None
+    extras = {name for _, name in _LIGHTNING_EXTRAS}
+    return [g for g in dict.fromkeys(found) if not g.startswith(_SAFE_GLOBAL_PREFIXES) and g not in extras]
 
 
 def read_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
@@ -127,7 +159,7 @@ def read_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str
     try:
         obj = _torch_load(path)
     except pickle.UnpicklingError:
-        unsafe = _unsafe_globals(path) if zipfile.is_zipfile(path) else None
+        unsafe = _unsafe_globals(path)
         if unsafe is None:  # not a checkpoint's pickle: torch's reason would only advise turning weights_only off
             raise CheckpointError(f"cannot read checkpoint {path}: the file is corrupt or not a PyTorch checkpoint "
                                   f"(its pickle cannot be read)") from None
