@@ -10,8 +10,8 @@ import torch.nn.functional as F
 from safetensors.torch import save_file
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from ldm.backend import onednn
 from ldm.backend.layout import memory_format_of
-from ldm.backend.onednn import gate
 from ldm.errors import CheckpointError
 from ldm.loading.build import load_model_from_config
 from ldm.loading.safetensors import read_safetensors
@@ -97,7 +97,7 @@ def test_pointwise_conv_is_the_convolution(dtype, layout):
     y, ops = _ops(lambda: pointwise_conv(conv, x, residual=residual))
     _close_to(y, plain + residual.double())
     assert memory_format_of(y) == layout
-    fused = layout == CL and gate.usable("linear", dtype)  # where oneDNN computes ``dtype`` on this CPU
+    fused = layout == CL and onednn.gate.usable("linear", dtype)  # where oneDNN computes ``dtype`` on this CPU
     assert ("mkldnn._linear_pointwise.binary" in " ".join(ops)) == fused
     bias = residual[:, :, :1, :1]  # broadcast: no epilogue
     _close_to(_ops(lambda: pointwise_conv(conv, x, residual=bias))[0], plain + bias.double())
@@ -114,7 +114,7 @@ def test_convolution_adds_the_residual(dtype, layout, packed):
     x = torch.randn(2, 8, 6, 5).to(dtype).contiguous(memory_format=layout)
     residual = torch.randn(2, 16, 6, 5).to(dtype).contiguous(memory_format=layout)
     expected = F.conv2d(x.double(), conv.weight.double(), conv.bias.double(), padding=1) + residual.double()
-    onednn_here = gate.usable("convolution", dtype)  # where oneDNN computes ``dtype`` on this CPU
+    onednn_here = onednn.gate.usable("convolution", dtype)  # where oneDNN computes ``dtype`` on this CPU
     if packed:
         assert conv.prepack(dtype, layout) == onednn_here
     y, ops = _ops(lambda: conv(x, residual=residual))
@@ -136,7 +136,7 @@ def test_geglu_is_value_times_gelu_of_gate(dtype):
     proj = torch.nn.Linear(16, 2 * 24).to(dtype)
     x = torch.randn(3, 7, 16).to(dtype)
     h, gate = F.linear(x.double(), proj.weight.double(), proj.bias.double()).chunk(2, dim=-1)
-    fused = gate.usable("linear", dtype)
+    fused = onednn.gate.usable("linear", dtype)
     y, ops = _ops(lambda: linear_geglu(proj, x))
     # bf16: fused, the product in the epilogue (one rounding); public ops round h, gelu(gate) and the product
     _close_to(y, h * F.gelu(gate), roundings=1 if fused else 3)

@@ -140,15 +140,6 @@ def test_reduced_precisions_run(tiny_ckpt, tiny_config_path, precision):
     assert images.shape == (1, 64, 64, 3) and flags == [False] and images.std() > 10
 
 
-def test_cpu_pipeline_hands_back_library_pages(tiny_ckpt, tiny_config_path, monkeypatch):
-    from ldm.inference import pipeline
-
-    calls = []
-    monkeypatch.setattr(pipeline, "release_library_pages", lambda: calls.append(1) or 1)
-    pipeline.load_pipeline(tiny_config_path, tiny_ckpt, "cpu", "full", "off", say=lambda m: None)
-    assert calls == [1]
-
-
 # ---------------------------------------------------------------------------------------------- validation
 def options(**overrides) -> RunOptions:
     return RunOptions(**{"prompts": ["a"], "outdir": "unused", **overrides})
