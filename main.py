@@ -11,7 +11,7 @@ model's ``log_images``) and CSV metrics. Ctrl-C (or SIGUSR1) saves ``checkpoints
 a log folder or a checkpoint continues from it. Nothing here uses the network.
 
 Every checkpoint read here (``--resume``, ``model.params.ckpt_path``, and whatever Lightning restores) goes through
-:func:`ldm.checkpoint.read_checkpoint`, which never runs code from the file: a pickle that would import or call
+:func:`ldm.loading.checkpoint.read_checkpoint`, which never runs code from the file: a pickle that would import or call
 anything is refused with one line on stderr and a non-zero exit.
 """
 from __future__ import annotations
@@ -35,8 +35,8 @@ from pytorch_lightning.plugins import CheckpointIO, TorchCheckpointIO
 from pytorch_lightning.utilities import rank_zero_only
 from torch.utils.data import DataLoader, Dataset, IterableDataset
 
-from ldm.checkpoint import read_checkpoint
 from ldm.errors import LdmError, ModelNotFoundError
+from ldm.loading.checkpoint import read_checkpoint
 from ldm.util import instantiate_from_config
 
 # Lightning's DDP launcher re-runs this script for ranks > 0; they reuse rank 0's timestamp (same log folder).
@@ -147,7 +147,7 @@ class DataModuleFromConfig(pl.LightningDataModule):
 
 # ---------------------------------------------------------------------------------------------------- checkpoints
 class SafeCheckpointIO(TorchCheckpointIO):
-    """Lightning's checkpoint I/O, reading through :func:`ldm.checkpoint.read_checkpoint` (``weights_only``, the
+    """Lightning's checkpoint I/O, reading through :func:`ldm.loading.checkpoint.read_checkpoint` (``weights_only``, the
     Lightning bookkeeping read as inert data) instead of a plain ``torch.load``; writing is Lightning's own."""
 
     def load_checkpoint(self, path: str | Path, map_location: Any = None, weights_only: bool | None = None) -> dict:

@@ -4,7 +4,7 @@
     python scripts/benchmark.py --parts unet,vae   # only the in-process step timings
     python scripts/benchmark.py --quick            # small sizes, a smoke test of every part (minutes)
 
-Full-size SD v1 models are built from deterministic weights (``ldm.deterministic_weights``), never
+Full-size SD v1 models are built from deterministic weights (``ldm.testing.deterministic_weights``), never
 downloaded: a 4.27 GB original-layout ``.ckpt``, a bf16 ``.safetensors`` and a diffusers folder converted from
 the same weights are written once to ``--workdir``. diffusers is a benchmark-only peer
 (``pip install diffusers``). Parts:
@@ -14,9 +14,9 @@ the same weights are written once to ``--workdir``. diffusers is a benchmark-onl
   algorithm patched in (einsum attention materialising the (tokens x tokens) matrix, rearranges, plain ops).
 * ``vae``: one VAE decode (batch 1) in one process, alternating ours and diffusers' ``AutoencoderKL``.
 * ``e2e``: text-to-image (1 sample, ``--steps`` DDIM steps, guidance 7.5) in fresh processes, alternating
-  ``ldm.pipeline`` from the ``.ckpt`` and ``StableDiffusionPipeline.from_pretrained`` from the folder; wall time
-  from interpreter start to decoded image, and the process's peak RSS (VmHWM). In bf16, ours also runs from the
-  bf16 ``.safetensors`` (weights stored as computed).
+  ``ldm.inference.pipeline`` from the ``.ckpt`` and ``StableDiffusionPipeline.from_pretrained`` from the folder;
+  wall time from interpreter start to decoded image, and the process's peak RSS (VmHWM). In bf16, ours also runs
+  from the bf16 ``.safetensors`` (weights stored as computed).
 * ``load``: peak RSS of loading alone, per checkpoint format and weight dtype.
 * ``big``: a 1024x1024 text-to-image run of ours (peak RSS; ``--big-steps`` steps).
 
@@ -67,7 +67,7 @@ def ensure_assets(workdir: Path) -> dict[str, Path]:
     import torch
     from omegaconf import OmegaConf
 
-    from ldm.deterministic_weights import write_deterministic_checkpoint
+    from ldm.testing.deterministic_weights import write_deterministic_checkpoint
 
     workdir.mkdir(parents=True, exist_ok=True)
     config = OmegaConf.load(CONFIG)
@@ -96,7 +96,7 @@ def _diffusers_components(ckpt: Path, dtype):
     )
     from omegaconf import OmegaConf
 
-    from ldm.checkpoint import read_state_dict
+    from ldm.loading.checkpoint import read_state_dict
 
     sd = read_state_dict(ckpt)
     original = OmegaConf.to_container(OmegaConf.load(CONFIG))
@@ -119,7 +119,7 @@ def build_diffusers_folder(ckpt: Path, folder: Path) -> None:
     from omegaconf import OmegaConf
     from transformers import CLIPTokenizer
 
-    from ldm.checkpoint import load_model_from_config
+    from ldm.loading.build import load_model_from_config
     from ldm.modules.encoders.modules import TOKENIZER_DIR
 
     unet, vae = _diffusers_components(ckpt, torch.float32)
@@ -244,7 +244,7 @@ def _unet_rounds(args, paths, dtype) -> tuple[dict, float | None]:
     import torch
     from omegaconf import OmegaConf
 
-    from ldm.checkpoint import load_model_from_config
+    from ldm.loading.build import load_model_from_config
 
     device = torch.device(args.device)
     x, t, context = _unet_inputs(args, dtype, device)
@@ -278,13 +278,14 @@ def _unet_inputs(args, dtype, device):
 
 def _ours(paths, dtype, device):
     """Our model as the pipeline runs it: on the CPU loaded as stored, its UNet and autoencoder in use
-    (converted to ``dtype``, convolution kernels prepacked; see ldm.residency); elsewhere converted at load."""
+    (converted to ``dtype``, convolution kernels prepacked; see ldm.inference.residency); elsewhere converted at
+    load."""
     import torch
     from omegaconf import OmegaConf
 
-    from ldm.checkpoint import load_model_from_config
-    from ldm.precision import preferred_memory_format
-    from ldm.residency import PartWeights
+    from ldm.backend.layout import preferred_memory_format
+    from ldm.inference.residency import PartWeights
+    from ldm.loading.build import load_model_from_config
 
     on_cpu = torch.device(device).type == "cpu"
     model = load_model_from_config(OmegaConf.load(CONFIG), paths["ckpt"], dtype=dtype, device=device,
@@ -316,7 +317,7 @@ def _compile_rounds(args, paths, dtype) -> dict:
     import torch._inductor.config as inductor_config
     from omegaconf import OmegaConf
 
-    from ldm.checkpoint import load_model_from_config
+    from ldm.loading.build import load_model_from_config
 
     device = torch.device(args.device)
     x, t, context = _unet_inputs(args, dtype, device)
@@ -342,11 +343,11 @@ def _each_dtype(args, paths, rounds) -> dict:
     """``rounds(args, paths, dtype)`` for each dtype measured on the device, keyed by the dtype's name."""
     import torch
 
-    from ldm.precision import tune_cpu_allocator
+    from ldm.backend.memory import tuned_allocator
 
-    tune_cpu_allocator()  # both implementations run in this process: the same allocator for all
-    return {name: rounds(args, paths, getattr(torch, name))
-            for name in (["float32", "bfloat16"] if args.device == "cpu" else ["float16"])}
+    with tuned_allocator():  # both implementations run in this process: the same allocator for all
+        return {name: rounds(args, paths, getattr(torch, name))
+                for name in (["float32", "bfloat16"] if args.device == "cpu" else ["float16"])}
 
 
 def _vae_rounds(args, paths, dtype) -> dict:
@@ -368,10 +369,12 @@ import json, sys, time
 start = time.perf_counter()
 ckpt, size, steps, precision, device = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4], sys.argv[5]
 import torch
-from ldm.precision import tune_cpu_allocator
-tune_cpu_allocator()
-from ldm.pipeline import Settings, load_pipeline
+from ldm.backend.memory import release_library_pages, tuned_allocator
+from ldm.inference.pipeline import Settings, load_pipeline
 pipe = load_pipeline("{config}", ckpt, device=device, precision=precision, safety_checker="off", say=lambda m: None)
+if pipe.device.type == "cpu":  # as the scripts run it (ldm.app.run)
+    tuned_allocator().__enter__()
+    release_library_pages()
 loaded = time.perf_counter()
 images, _ = pipe.generate(["{prompt}"], [42], Settings(steps=steps, height=size, width=size))
 done = time.perf_counter()
@@ -404,7 +407,7 @@ CHILD_LOAD = r"""
 import json, sys, time
 import torch
 from omegaconf import OmegaConf
-from ldm.checkpoint import load_model_from_config
+from ldm.loading.build import load_model_from_config
 start = time.perf_counter()
 model = load_model_from_config(OmegaConf.load("{config}"), sys.argv[1], dtype=getattr(torch, sys.argv[2]))
 loaded = time.perf_counter() - start
@@ -571,7 +574,7 @@ def write_report(results: dict, args, out_dir: Path) -> str:
                   f"{'; '.join(snap[0]['others'] + snap[1]['others']) or 'none'}.",
               f"Medians of {args.repeats} alternating rounds (in-process parts) and {args.e2e_repeats} fresh "
               "processes per implementation (end to end). Both in-process parts run with "
-              "`ldm.precision.tune_cpu_allocator()` for both implementations; the end-to-end child of ours calls "
+              "`ldm.backend.memory.tuned_allocator()` for both implementations; the end-to-end child of ours calls "
               "it, diffusers' runs as it comes."]
     text = "\n".join(lines) + "\n"
     out_dir.mkdir(parents=True, exist_ok=True)

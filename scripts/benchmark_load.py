@@ -3,7 +3,7 @@
     python scripts/benchmark_load.py                       # builds a deterministic 4.27 GB checkpoint first
     python scripts/benchmark_load.py --ckpt models/ldm/stable-diffusion-v1/model.ckpt
 
-Each run loads the checkpoint with ``ldm.checkpoint.load_model_from_config``, then reads every weight once
+Each run loads the checkpoint with ``ldm.loading.build.load_model_from_config``, then reads every weight once
 (so memory-mapped pages are really resident) and reports the process's peak RSS as a multiple of the file
 size. Prints a table; asserts nothing.
 """
@@ -24,7 +24,7 @@ sys.path.insert(0, str(ROOT))
 CHILD = r"""
 import json, sys, time, torch
 from omegaconf import OmegaConf
-from ldm.checkpoint import load_model_from_config
+from ldm.loading.build import load_model_from_config
 config, ckpt, dtype = sys.argv[1], sys.argv[2], sys.argv[3]
 start = time.perf_counter()
 model = load_model_from_config(OmegaConf.load(config), ckpt, dtype=getattr(torch, dtype))
@@ -59,7 +59,7 @@ def main() -> None:
         else:
             from omegaconf import OmegaConf
 
-            from ldm.deterministic_weights import write_deterministic_checkpoint
+            from ldm.testing.deterministic_weights import write_deterministic_checkpoint
 
             for name, dtype in (("fp32 .ckpt", "float32"), ("bf16 .safetensors", "bfloat16")):
                 import torch

@@ -13,7 +13,7 @@ a temporary file beside it, read back and compared, then published under its nam
 is never overwritten.
 
 ``--to diffusers`` writes the folder ``StableDiffusionPipeline.from_pretrained`` loads (no network needed):
-``unet/``, ``vae/``, ``text_encoder/`` (weights mapped by :mod:`ldm.diffusers_format`, checked strictly against
+``unet/``, ``vae/``, ``text_encoder/`` (weights mapped by :mod:`ldm.loading.diffusers_format`, checked strictly against
 ``--config`` first), ``tokenizer/`` (the config's CLIP tokenizer, ``model_max_length`` its ``max_length``),
 ``scheduler/`` (DDIM with the config's schedule), ``model_index.json``, and the safety checker with its
 ``feature_extractor/`` when ``--safety_checker`` finds one. The folder is written beside its name, read back and
@@ -35,7 +35,7 @@ from typing import Any, Callable, Mapping
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from a checkout
 
-from ldm import cli  # noqa: E402
+from ldm.app import cli  # noqa: E402
 from ldm.errors import InputError, OutputError  # noqa: E402
 
 DTYPES = ("keep", "fp32", "bf16", "fp16")
@@ -119,9 +119,9 @@ def convert(ckpt: str | Path, output: str | Path | None = None, dtype: str = "ke
     """Convert ``ckpt`` to the safetensors file ``output``; returns its path. Never overwrites."""
     import torch
 
-    from ldm.checkpoint import read_checkpoint
-    from ldm.output import interrupts_deferred
-    from ldm.run import check_checkpoint_file
+    from ldm.app.output import interrupts_deferred
+    from ldm.app.run import check_checkpoint_file
+    from ldm.loading.checkpoint import read_checkpoint
 
     ckpt = Path(ckpt)
     output = Path(output) if output else ckpt.with_suffix(".safetensors")
@@ -227,7 +227,7 @@ def _write_tokenizer(source: Path, target: Path, max_length: int) -> None:
 
 def _write_safety_checker(source: Path, folder: Path) -> None:
     """The checker's folder as it is (config and weights) and its preprocessing as the feature extractor."""
-    from ldm.safety import DEFAULT_PREPROCESSOR, WEIGHT_FILES
+    from ldm.inference.safety import DEFAULT_PREPROCESSOR, WEIGHT_FILES
 
     (folder / "safety_checker").mkdir()
     config = json.loads((source / "config.json").read_text(encoding="utf-8"))
@@ -246,7 +246,8 @@ def _write_safety_checker(source: Path, folder: Path) -> None:
 def model_weights(config, state_dict: dict, source: str) -> tuple[dict, object]:
     """The module weights (no schedule, no EMA copies) that inference with ``config`` uses, checked strictly
     against the model of ``config`` (built without memory); -> (weights, model on meta)."""
-    from ldm.checkpoint import match_state_dict, parameters_on_meta
+    from ldm.loading.build import parameters_on_meta
+    from ldm.loading.checkpoint import match_state_dict
     from ldm.util import instantiate_from_config
 
     try:
@@ -270,12 +271,13 @@ def convert_to_diffusers(ckpt: str | Path, output: str | Path | None = None, con
     overwrites; nothing is left behind on failure."""
     import torch
 
-    from ldm import diffusers_format as df
-    from ldm.checkpoint import _FilePages, read_checkpoint, read_state_dict
-    from ldm.output import interrupts_deferred
-    from ldm.pipeline import load_config
-    from ldm.run import check_checkpoint_file
-    from ldm.safety import find_safety_checker
+    from ldm.app.output import interrupts_deferred
+    from ldm.app.run import check_checkpoint_file
+    from ldm.backend.memory import FilePages
+    from ldm.inference.pipeline import load_config
+    from ldm.inference.safety import find_safety_checker
+    from ldm.loading import diffusers_format as df
+    from ldm.loading.checkpoint import read_checkpoint, read_state_dict
 
     ckpt = Path(ckpt)
     output = Path(output) if output else ckpt.with_suffix("")
@@ -298,7 +300,7 @@ def convert_to_diffusers(ckpt: str | Path, output: str | Path | None = None, con
     state_dict, _ = read_checkpoint(ckpt)
     # the checkpoint is memory-mapped: each tensor's file pages are handed back once it is written and checked,
     # so converting holds about one tensor, not the whole model twice
-    source_pages = _FilePages.of(ckpt)
+    source_pages = FilePages.of(ckpt)
     weights, model = model_weights(model_config, state_dict, str(ckpt))
     del state_dict
     configs["text_encoder"], tokenizer, max_length = _text_encoder_files(model.cond_stage_model)
@@ -328,7 +330,7 @@ def convert_to_diffusers(ckpt: str | Path, output: str | Path | None = None, con
         except OSError as err:
             raise OutputError(f"cannot write {temp}: {err.strerror or err}; free some space or choose another "
                               f"output") from None
-        written, written_pages = df.read_folder(temp, read_state_dict), _FilePages.of(temp)
+        written, written_pages = df.read_folder(temp, read_state_dict), FilePages.of(temp)
         for key, tensor in weights.items():
             if not torch.equal(written[key], tensor.to(dtypes[key])):
                 raise OutputError(f"{temp} did not read back equal at {key}; nothing was written")

@@ -1,7 +1,7 @@
 """Make variations of an input image with Stable Diffusion v1: the original script's flags, plus --dpm_solver and
-the new ones in ldm/cli.py.
+the new ones in ldm/app/cli.py.
 
-The work is done by :func:`ldm.pipeline.run`; this file only parses flags.
+The work is done by :func:`ldm.app.run.run`; this file only parses flags.
 """
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from a checkout
 
-from ldm import cli  # noqa: E402
+from ldm.app import cli  # noqa: E402
 from ldm.errors import InputError  # noqa: E402
 
 
@@ -59,7 +59,7 @@ def build_parser() -> cli.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> None:
     opt = build_parser().parse_args(argv)
-    from ldm.run import RunOptions, prompts_from, run  # imports torch: after the flags are checked
+    from ldm.app.run import RunOptions, prompts_from, run  # imports torch: after the flags are checked
 
     if not opt.init_img:
         raise InputError("no input image; give --init-img PATH")

@@ -74,7 +74,7 @@ def bake_ema(state_dict: dict) -> dict:
 def ldm_init_from_run(ldm_run: Path, out: Path) -> Path:
     """A checkpoint to continue the LDM of ``ldm_run`` from: its EMA weights as the UNet and as the EMA's start
     (update count 0), its text encoder and ``scale_factor``; no first stage (trained on cached latents)."""
-    from ldm.checkpoint import read_checkpoint
+    from ldm.loading.checkpoint import read_checkpoint
 
     state_dict, _ = read_checkpoint(ldm_run / "checkpoints" / "last.ckpt")
     unet = {k: v for k, v in bake_ema(state_dict).items() if not k.startswith("first_stage_model.")}
@@ -101,7 +101,7 @@ def split_export(model_ckpt: Path, logdir: str) -> tuple[Path, Path]:
     import torch
     from omegaconf import OmegaConf
 
-    from ldm.checkpoint import read_checkpoint
+    from ldm.loading.checkpoint import read_checkpoint
 
     state_dict, _ = read_checkpoint(model_ckpt)
     scale_factor = float(OmegaConf.load(model_ckpt.parent / "config.yaml").model.params.scale_factor)
@@ -121,7 +121,8 @@ def export(ldm_run: Path, out_dir: Path) -> None:
     import torch
     from omegaconf import OmegaConf
 
-    from ldm.checkpoint import load_model_from_config, read_checkpoint
+    from ldm.loading.build import load_model_from_config
+    from ldm.loading.checkpoint import read_checkpoint
 
     state_dict, extras = read_checkpoint(ldm_run / "checkpoints" / "last.ckpt")
     state_dict = bake_ema(state_dict)

@@ -1,6 +1,6 @@
-"""Text-to-image sampling with Stable Diffusion v1: the original script's flags, plus the new ones in ldm/cli.py.
+"""Text-to-image sampling with Stable Diffusion v1: the original script's flags, plus the new ones in ldm/app/cli.py.
 
-The work is done by :func:`ldm.pipeline.run`; this file only parses flags.
+The work is done by :func:`ldm.app.run.run`; this file only parses flags.
 """
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from a checkout
 
-from ldm import cli  # noqa: E402
+from ldm.app import cli  # noqa: E402
 
 LAION_CONFIG = "configs/latent-diffusion/txt2img-1p4B-eval.yaml"
 LAION_CKPT = "models/ldm/text2img-large/model.ckpt"
@@ -61,7 +61,7 @@ def build_parser() -> cli.ArgumentParser:
 def main(argv: list[str] | None = None) -> None:
     parser = build_parser()
     opt = parser.parse_args(argv)
-    from ldm.run import RunOptions, prompts_from, run  # imports torch: after the flags are checked
+    from ldm.app.run import RunOptions, prompts_from, run  # imports torch: after the flags are checked
 
     if opt.laion400m:
         print("Falling back to LAION 400M model...")

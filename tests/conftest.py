@@ -75,7 +75,7 @@ def tiny_config_path(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def tiny_model(tiny_ckpt):
     """The tiny model loaded through the library loader, float32, eval mode, CPU. Do not modify it."""
-    from ldm.checkpoint import load_model_from_config
+    from ldm.loading.build import load_model_from_config
 
     return load_model_from_config(tiny_config(), tiny_ckpt)
 

@@ -10,7 +10,10 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from ldm.checkpoint import CheckpointError, load_model_from_config, read_checkpoint, release_file_pages
+from ldm.backend.memory import release_file_pages
+from ldm.errors import CheckpointError
+from ldm.loading.build import load_model_from_config
+from ldm.loading.checkpoint import read_checkpoint
 from tests.conftest import tiny_config, tiny_ema_state_dict, tiny_state_dict
 
 

@@ -14,9 +14,10 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from ldm import cli
-from ldm.checkpoint import CheckpointError, load_model_from_config, read_checkpoint
-from ldm.errors import OutputError
+from ldm.app import cli
+from ldm.errors import CheckpointError, OutputError
+from ldm.loading.build import load_model_from_config
+from ldm.loading.checkpoint import read_checkpoint
 from tests.conftest import tiny_config, tiny_ema_state_dict, tiny_state_dict
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -7,7 +7,7 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from ldm.checkpoint import parameters_on_meta
+from ldm.loading.build import parameters_on_meta
 from ldm.util import instantiate_from_config
 from tests.conftest import FIXTURES, PROMPTS, assert_matches_reference
 

@@ -21,11 +21,12 @@ import torch
 from omegaconf import OmegaConf
 from safetensors.torch import load_file, save_file
 
-from ldm import cli
-from ldm import diffusers_format as df
-from ldm.checkpoint import CheckpointError, load_model_from_config, read_checkpoint
-from ldm.errors import LdmError, OutputError
-from ldm.pipeline import Settings, load_pipeline
+from ldm.app import cli
+from ldm.errors import CheckpointError, LdmError, OutputError
+from ldm.inference.pipeline import Settings, load_pipeline
+from ldm.loading import diffusers_format as df
+from ldm.loading.build import load_model_from_config
+from ldm.loading.checkpoint import read_checkpoint
 from tests.conftest import FIXTURES, tiny_config, tiny_state_dict
 
 diffusers = pytest.importorskip("diffusers")
@@ -195,7 +196,7 @@ def test_key_table_gives_what_diffusers_converters_give(which):
 def test_table_is_one_to_one_and_the_schedule_is_the_original(config_path):
     """Every weight of the model has one place in the diffusers layout and comes back from it; the schedule
     computed from the scheduler config is the model's, bit for bit (as ``DDPM.register_schedule`` computes it)."""
-    from ldm.checkpoint import parameters_on_meta
+    from ldm.loading.build import parameters_on_meta
     from ldm.util import instantiate_from_config
 
     config = tiny_config() if config_path.parent.name == "tiny" else OmegaConf.load(config_path)
@@ -567,7 +568,7 @@ V1_CONFIG = ROOT / "configs" / "stable-diffusion" / "v1-inference.yaml"
 def full_assets(tmp_path_factory):
     """The full-size SD v1 on the reference's deterministic weights: the original-layout .ckpt and its
     exported diffusers folder (about 4 GB each on disk)."""
-    from ldm.deterministic_weights import write_deterministic_checkpoint
+    from ldm.testing.deterministic_weights import write_deterministic_checkpoint
 
     folder = tmp_path_factory.mktemp("full")
     ckpt = folder / "sd-v1-det.ckpt"
@@ -598,7 +599,7 @@ def test_full_size_images(full_assets, offline):
 
 PEAK_RSS = """
 import sys
-from ldm.pipeline import Settings, load_pipeline
+from ldm.inference.pipeline import Settings, load_pipeline
 pipe = load_pipeline(sys.argv[1], sys.argv[2], device="cpu", precision="full", safety_checker="off", verbose=False)
 pipe.generate(["a photograph of an astronaut riding a horse"], [1], Settings(steps=2, height=64, width=64))
 with open("/proc/self/status") as f:

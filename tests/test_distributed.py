@@ -28,10 +28,10 @@ import pytest
 import torch
 from PIL import Image
 
-from ldm import cli, distributed
+from ldm.app import cli, distributed
+from ldm.app.output import TEMP_PREFIX, parse_parameters
+from ldm.app.run import plan_jobs, shard_jobs
 from ldm.errors import DeviceError, InputError
-from ldm.output import TEMP_PREFIX, parse_parameters
-from ldm.run import plan_jobs, shard_jobs
 
 ROOT = Path(__file__).resolve().parents[1]
 PROMPTS = ["a red circle", "a blue square", "a green triangle"]
@@ -268,7 +268,7 @@ FAILING = """\
 import os, runpy, sys
 sys.path.insert(0, {root!r})
 from ldm.errors import OutputError
-from ldm.pipeline import Pipeline
+from ldm.inference.pipeline import Pipeline
 
 generate = Pipeline.generate
 

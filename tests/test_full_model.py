@@ -10,10 +10,10 @@ import torch
 from omegaconf import OmegaConf
 from safetensors.torch import load_file
 
-from ldm import winograd
-from ldm.checkpoint import load_model_from_config
-from ldm.deterministic_weights import write_deterministic_checkpoint
-from ldm.residency import PartWeights
+from ldm.backend import winograd
+from ldm.inference.residency import PartWeights
+from ldm.loading.build import load_model_from_config
+from ldm.testing.deterministic_weights import write_deterministic_checkpoint
 from tests.conftest import FIXTURES, assert_matches_reference
 
 pytestmark = pytest.mark.slow

@@ -16,8 +16,8 @@ import torch
 from omegaconf import OmegaConf
 from safetensors.torch import load_file
 
-from ldm.checkpoint import parameters_on_meta
 from ldm.errors import InputError, LdmError, TokenizerNotFoundError
+from ldm.loading.build import parameters_on_meta
 from ldm.util import instantiate_from_config
 from tests.conftest import FIXTURES, assert_matches_reference
 
@@ -60,7 +60,7 @@ def config_path(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def model(ckpt):
-    from ldm.checkpoint import load_model_from_config
+    from ldm.loading.build import load_model_from_config
 
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # the reference ran on one thread; the tiny model gains nothing from more
@@ -286,7 +286,7 @@ def test_a_tokenizer_larger_than_the_embedding_is_refused():
 # ---------------------------------------------------------------------------------------------- pipeline
 @pytest.fixture(scope="module")
 def pipes(config_path, ckpt):
-    from ldm.pipeline import load_pipeline
+    from ldm.inference.pipeline import load_pipeline
 
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
@@ -297,7 +297,7 @@ def pipes(config_path, ckpt):
 @pytest.mark.parametrize("sampler", ["ddim", "plms", "dpm_solver"])
 @pytest.mark.parametrize("precision", ["full", "bf16"])
 def test_pipeline_runs_every_sampler_and_precision_on_the_cpu(pipes, sampler, precision):
-    from ldm.pipeline import Settings
+    from ldm.inference.pipeline import Settings
 
     pipe = pipes[precision]
     settings = Settings(steps=3, sampler=sampler, scale=5.0, height=64, width=64, negative_prompt="blurry")
@@ -309,7 +309,7 @@ def test_pipeline_runs_every_sampler_and_precision_on_the_cpu(pipes, sampler, pr
 
 
 def test_pipeline_img2img(pipes):
-    from ldm.pipeline import Settings
+    from ldm.inference.pipeline import Settings
 
     pipe = pipes["full"]
     init = torch.rand(1, 3, 64, 64) * 2 - 1
@@ -321,7 +321,7 @@ def test_pipeline_img2img(pipes):
 
 
 def test_long_prompt_warning_counts_bert_tokens(pipes):
-    from ldm.run import _warn_long_prompts
+    from ldm.app.run import _warn_long_prompts
 
     said = []
     _warn_long_prompts(pipes["full"], [" ".join(["red"] * 80), "a red circle"], "", said.append)
@@ -339,7 +339,7 @@ def _start(argv: list[str], cwd: Path, **env) -> subprocess.Popen:
 def test_txt2img_laion400m_end_to_end_and_missing_tokenizer(tmp_path, config_path, ckpt):
     """``--laion400m --config <tiny> --ckpt <tiny>`` writes images to the LAION outdir; a config whose tokenizer is
     not on this machine fails with one line."""
-    from ldm.output import parse_parameters
+    from ldm.app.output import parse_parameters
 
     small = ["--H", "64", "--W", "64", "--ddim_steps", "2", "--n_samples", "2", "--n_iter", "1", "--device", "cpu",
              "--safety_checker", "off", "--seed", "5"]
@@ -382,7 +382,7 @@ def test_txt2img_laion400m_end_to_end_and_missing_tokenizer(tmp_path, config_pat
 
 
 def test_laion400m_without_the_checkpoint_names_the_download(capsys, monkeypatch):
-    from ldm import cli
+    from ldm.app import cli
     from tests.test_scripts import load_script
 
     if (ROOT / "models" / "ldm" / "text2img-large" / "model.ckpt").exists():

@@ -10,14 +10,12 @@ import pytest
 import torch
 from PIL import Image
 
-from ldm.errors import OutputError
-from ldm.output import (
+from ldm.app.output import (
     GRID_PATTERN,
     TEMP_PREFIX,
     NumberedWriter,
     Watermarker,
     can_watermark,
-    file_sha256,
     format_parameters,
     highest_index,
     interrupts_deferred,
@@ -25,6 +23,8 @@ from ldm.output import (
     parse_parameters,
     read_watermark,
 )
+from ldm.errors import OutputError
+from ldm.loading.model_hash import file_sha256
 
 
 def smooth_image(width: int, height: int, seed: int = 0) -> Image.Image:

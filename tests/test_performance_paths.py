@@ -10,8 +10,12 @@ import torch.nn.functional as F
 from safetensors.torch import save_file
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from ldm.checkpoint import CheckpointError, _read_safetensors, load_model_from_config
-from ldm.precision import Conv2d, linear_geglu, memory_format_of, module_memory_format, onednn, pointwise_conv
+from ldm.backend import onednn
+from ldm.backend.layout import memory_format_of
+from ldm.errors import CheckpointError
+from ldm.loading.build import load_model_from_config
+from ldm.loading.safetensors import read_safetensors
+from ldm.modules.ops import Conv2d, linear_geglu, module_memory_format, pointwise_conv
 from tests.conftest import assert_matches_reference, tiny_config, tiny_state_dict
 
 CL = torch.channels_last
@@ -93,7 +97,7 @@ def test_pointwise_conv_is_the_convolution(dtype, layout):
     y, ops = _ops(lambda: pointwise_conv(conv, x, residual=residual))
     _close_to(y, plain + residual.double())
     assert memory_format_of(y) == layout
-    fused = layout == CL and onednn.usable("linear", dtype)  # where oneDNN computes ``dtype`` on this CPU
+    fused = layout == CL and onednn.gate.usable("linear", dtype)  # where oneDNN computes ``dtype`` on this CPU
     assert ("mkldnn._linear_pointwise.binary" in " ".join(ops)) == fused
     bias = residual[:, :, :1, :1]  # broadcast: no epilogue
     _close_to(_ops(lambda: pointwise_conv(conv, x, residual=bias))[0], plain + bias.double())
@@ -110,7 +114,7 @@ def test_convolution_adds_the_residual(dtype, layout, packed):
     x = torch.randn(2, 8, 6, 5).to(dtype).contiguous(memory_format=layout)
     residual = torch.randn(2, 16, 6, 5).to(dtype).contiguous(memory_format=layout)
     expected = F.conv2d(x.double(), conv.weight.double(), conv.bias.double(), padding=1) + residual.double()
-    onednn_here = onednn.usable("convolution", dtype)  # where oneDNN computes ``dtype`` on this CPU
+    onednn_here = onednn.gate.usable("convolution", dtype)  # where oneDNN computes ``dtype`` on this CPU
     if packed:
         assert conv.prepack(dtype, layout) == onednn_here
     y, ops = _ops(lambda: conv(x, residual=residual))
@@ -132,7 +136,7 @@ def test_geglu_is_value_times_gelu_of_gate(dtype):
     proj = torch.nn.Linear(16, 2 * 24).to(dtype)
     x = torch.randn(3, 7, 16).to(dtype)
     h, gate = F.linear(x.double(), proj.weight.double(), proj.bias.double()).chunk(2, dim=-1)
-    fused = onednn.usable("linear", dtype)
+    fused = onednn.gate.usable("linear", dtype)
     y, ops = _ops(lambda: linear_geglu(proj, x))
     # bf16: fused, the product in the epilogue (one rounding); public ops round h, gelu(gate) and the product
     _close_to(y, h * F.gelu(gate), roundings=1 if fused else 3)
@@ -255,7 +259,8 @@ def test_casting_releases_the_checkpoint_pages(tmp_path):
            for k, v in tiny_state_dict().items()}
     path = tmp_path / "model.safetensors"
     save_file(big, path)  # a file of its own: pages only this test touches
-    from ldm.checkpoint import _cast_like, _FilePages, read_state_dict
+    from ldm.backend.memory import FilePages
+    from ldm.loading.checkpoint import _cast_like, read_state_dict
 
     sd = read_state_dict(path)
     expected = {k: torch.empty(v.shape, dtype=torch.float32, device="meta") for k, v in sd.items()}
@@ -263,7 +268,7 @@ def test_casting_releases_the_checkpoint_pages(tmp_path):
     for t in sd.values():  # fault every page in, as casting does
         t.sum()
     assert _mapping_rss_kb(path) > 0.9 * size_kb
-    _cast_like(sd, expected, torch.bfloat16, release=_FilePages.of(path))
+    _cast_like(sd, expected, torch.bfloat16, release=FilePages.of(path).release)
     assert _mapping_rss_kb(path) < 0.1 * size_kb
     torch.testing.assert_close(sd["model.diffusion_model.out.2.weight"].float(),
                                big["model.diffusion_model.out.2.weight"].bfloat16().float())
@@ -276,7 +281,7 @@ def test_safetensors_reader_matches_the_library(tmp_path):
                "d": torch.tensor([True, False, True]), "e": torch.randn(0, 3), "f": torch.randn(1).half()}
     path = tmp_path / "t.safetensors"
     save_file(tensors, path, metadata={"format": "pt"})
-    ours, theirs = _read_safetensors(path), load_file(path)
+    ours, theirs = read_safetensors(path), load_file(path)
     assert ours.keys() == theirs.keys()
     for key in theirs:
         assert ours[key].dtype == theirs[key].dtype and torch.equal(ours[key], theirs[key]), key
@@ -290,7 +295,7 @@ def test_safetensors_reader_refuses_bad_offsets(tmp_path):
     path = tmp_path / "bad.safetensors"
     path.write_bytes(struct.pack("<Q", len(header)) + header + bytes(16))
     try:
-        _read_safetensors(path)
+        read_safetensors(path)
     except CheckpointError as err:
         assert "not a valid safetensors" in str(err)
     else:

@@ -7,10 +7,11 @@ import pytest
 import torch
 from PIL import Image
 
+from ldm.app.image_io import fit_to_multiple, load_img, open_image, read_prompt_file, to_rgb
+from ldm.app.run import RunOptions, plan_jobs, prompts_from, validate
 from ldm.errors import DeviceError, InputError
-from ldm.image_io import fit_to_multiple, load_img, open_image, read_prompt_file, to_rgb
-from ldm.pipeline import Pipeline, Precision, Settings, resolve_device, resolve_precision, to_uint8
-from ldm.run import RunOptions, plan_jobs, prompts_from, validate
+from ldm.inference.pipeline import Pipeline, Settings, to_uint8
+from ldm.inference.precision import Precision, resolve_device, resolve_precision
 from tests.conftest import PROMPTS, assert_matches_reference
 
 FULL = Precision("full", torch.float32, None)
@@ -107,9 +108,9 @@ def test_precision_choices(monkeypatch):
     assert resolve_precision("full", cpu) == FULL
     assert resolve_precision("autocast", cuda).autocast_dtype == torch.float16
     assert resolve_precision("autocast", mps).autocast_dtype is None
-    monkeypatch.setattr("ldm.pipeline.cpu_computes_bf16", lambda: True)
+    monkeypatch.setattr("ldm.inference.precision.computes_bf16_natively", lambda: True)
     assert resolve_precision("autocast", cpu) == Precision("autocast", torch.bfloat16, torch.bfloat16)
-    monkeypatch.setattr("ldm.pipeline.cpu_computes_bf16", lambda: False)
+    monkeypatch.setattr("ldm.inference.precision.computes_bf16_natively", lambda: False)
     assert resolve_precision("autocast", cpu).autocast_dtype is None
     assert resolve_precision("bf16", cpu) == Precision("bf16", torch.bfloat16, torch.bfloat16)
     assert resolve_precision("fp16", cpu).weight_dtype == torch.float16
@@ -132,20 +133,11 @@ def test_devices(monkeypatch):
 
 @pytest.mark.parametrize("precision", ["bf16", "fp16", "autocast"])
 def test_reduced_precisions_run(tiny_ckpt, tiny_config_path, precision):
-    from ldm.pipeline import load_pipeline
+    from ldm.inference.pipeline import load_pipeline
 
     pipe = load_pipeline(tiny_config_path, tiny_ckpt, "cpu", precision, "off", say=lambda m: None)
     images, flags = pipe.generate(["a red circle"], [1], Settings(steps=2, height=64, width=64))
     assert images.shape == (1, 64, 64, 3) and flags == [False] and images.std() > 10
-
-
-def test_cpu_pipeline_hands_back_library_pages(tiny_ckpt, tiny_config_path, monkeypatch):
-    from ldm import pipeline
-
-    calls = []
-    monkeypatch.setattr(pipeline, "release_library_pages", lambda: calls.append(1) or 1)
-    pipeline.load_pipeline(tiny_config_path, tiny_ckpt, "cpu", "full", "off", say=lambda m: None)
-    assert calls == [1]
 
 
 # ---------------------------------------------------------------------------------------------- validation
@@ -291,7 +283,7 @@ def test_ema_checkpoint_runs_on_its_ema_weights(tmp_path, tiny_io):
     """With use_ema: True the pipeline samples with the EMA weights (swapped in once, training copy dropped)."""
     from omegaconf import OmegaConf
 
-    from ldm.pipeline import load_pipeline
+    from ldm.inference.pipeline import load_pipeline
     from tests.conftest import tiny_config, tiny_ema_state_dict, tiny_state_dict
 
     config = tiny_config()
@@ -308,8 +300,8 @@ def test_ema_checkpoint_runs_on_its_ema_weights(tmp_path, tiny_io):
 def test_decode_tiles_when_memory_is_short(pipe, tiny_io, monkeypatch):
     """The tiled path is taken when an untiled decode would not fit (the tiles themselves: tests/test_tiling.py)."""
     calls = []
-    monkeypatch.setattr("ldm.pipeline.decode_needs_tiling", lambda z: True)
-    monkeypatch.setattr("ldm.pipeline.tiled_decode",
+    monkeypatch.setattr("ldm.inference.pipeline.decode_needs_tiling", lambda z: True)
+    monkeypatch.setattr("ldm.inference.pipeline.tiled_decode",
                         lambda model, z: calls.append(z.shape) or model.decode_first_stage(z))
     with torch.no_grad():
         images = pipe.decode(tiny_io["z_scaled"])

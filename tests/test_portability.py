@@ -21,11 +21,12 @@ import pytest
 import torch
 from PIL import Image
 
-from ldm import precision
-from ldm.checkpoint import load_model_from_config
+from ldm.backend import onednn
+from ldm.inference.pipeline import Settings, load_pipeline
+from ldm.inference.residency import PartWeights
+from ldm.loading.build import load_model_from_config
 from ldm.models.diffusion.ddim import DDIMSampler
-from ldm.pipeline import Settings, load_pipeline
-from ldm.residency import PartWeights
+from ldm.modules import ops
 from tests.conftest import assert_matches_reference, tiny_config, tiny_ema_state_dict, tiny_state_dict
 from tests.toy_classifier import classify
 
@@ -147,8 +148,9 @@ def private_ops_raise(monkeypatch):
         monkeypatch.setattr(torch.ops.mkldnn, name, _Raising(name))
     monkeypatch.setattr(torch._C._nn, "mkldnn_reorder_conv2d_weight", _Raising("mkldnn_reorder_conv2d_weight"))
     monkeypatch.setattr(torch.Tensor, "to_mkldnn", _Raising("to_mkldnn"))
-    gate = precision.OneDNN()
-    monkeypatch.setattr(precision, "onednn", gate)
+    gate = onednn.Gate()
+    monkeypatch.setattr(onednn, "gate", gate)
+    monkeypatch.setattr(ops, "gate", gate)
     return gate
 
 
@@ -171,7 +173,7 @@ def test_pipeline_runs_when_every_private_op_raises(private_ops_raise, tiny_ckpt
         assert_matches_reference(samples, tiny_io["ddim_s10_eta0"], "ddim_s10_eta0")
         pipe.use(model.first_stage_model)
         assert_matches_reference(model.decode_first_stage(tiny_io["z_scaled"]), tiny_io["decoded"], "decoded")
-    if precision.OneDNN().computes(torch.float32):  # the fast paths were tried, failed, and were switched off
+    if onednn.Gate().computes(torch.float32):  # the fast paths were tried, failed, and were switched off
         assert ("convolution", torch.float32) in private_ops_raise.failed
         assert ("linear", torch.float32) in private_ops_raise.failed
     images, _ = pipe.generate(["a red circle"], [7], Settings(steps=3, height=64, width=64))
@@ -209,8 +211,8 @@ def test_switching_a_part_in_use_to_its_ema_weights_computes_with_them(tmp_path,
     with torch.no_grad():
         expected = reference.apply_model(*args)
         plain = model.apply_model(*args)  # packs the kernels
-        assert any(m._packed is not None for m in model.model.modules() if isinstance(m, precision.Conv2d)) == \
-            precision.onednn.usable("convolution", torch.float32)
+        assert any(m._packed is not None for m in model.model.modules() if isinstance(m, ops.Conv2d)) == \
+            onednn.gate.usable("convolution", torch.float32)
         assert_matches_reference(plain, tiny_io["unet_eps"], "plain weights")
         with model.ema_scope():
             ours = model.apply_model(*args)
@@ -221,7 +223,7 @@ def test_switching_a_part_in_use_to_its_ema_weights_computes_with_them(tmp_path,
 
 
 def test_a_packed_kernel_follows_an_in_place_write():
-    conv = precision.Conv2d(8, 8, 3, padding=1)
+    conv = ops.Conv2d(8, 8, 3, padding=1)
     if not conv.prepack(torch.float32, torch.contiguous_format):
         pytest.skip("oneDNN computes no float32 convolution in this torch build")
     x = torch.randn(1, 8, 6, 6)

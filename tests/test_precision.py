@@ -14,8 +14,10 @@ import os
 import pytest
 import torch
 
-from ldm import precision
-from ldm.checkpoint import load_model_from_config
+from ldm.backend import memory, onednn
+from ldm.backend.layout import preferred_memory_format
+from ldm.inference import precision
+from ldm.loading.build import load_model_from_config
 from ldm.models.diffusion.ddim import DDIMSampler
 from tests.conftest import PROMPTS, tiny_config
 
@@ -38,30 +40,30 @@ def test_bf16_counts_as_native_only_where_the_cap_allows_it(monkeypatch, cap, na
     """On a CPU with AVX512-BF16 (stood in for), ONEDNN_MAX_CPU_ISA below AVX512_CORE_BF16 means no native bf16."""
     monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", cap)
     monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: True, raising=False)
-    monkeypatch.setattr(precision.onednn, "computes", lambda dtype: True)
-    assert precision.cpu_computes_bf16() == native
+    monkeypatch.setattr(onednn.gate, "computes", lambda dtype: True)
+    assert onednn.computes_bf16_natively() == native
 
 
 def test_bf16_is_not_native_without_the_instructions_or_onednn(monkeypatch):
     monkeypatch.delenv("ONEDNN_MAX_CPU_ISA", raising=False)
     monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False, raising=False)
     monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False, raising=False)
-    assert not precision.cpu_computes_bf16()
+    assert not onednn.computes_bf16_natively()
     monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: True, raising=False)
-    monkeypatch.setattr(precision.onednn, "computes", lambda dtype: dtype == torch.float32)
-    assert not precision.cpu_computes_bf16()
+    monkeypatch.setattr(onednn.gate, "computes", lambda dtype: dtype == torch.float32)
+    assert not onednn.computes_bf16_natively()
 
 
 def test_onednn_gate_follows_what_onednn_computes_here():
     """float32 wherever torch has oneDNN; bf16 exactly where torch's oneDNN says so (it honours the ISA cap)."""
-    gate = precision.OneDNN()
+    gate = onednn.Gate()
     assert gate.computes(torch.float32) == torch.backends.mkldnn.is_available()
     assert gate.computes(torch.bfloat16) == (gate.present and torch.ops.mkldnn._is_mkldnn_bf16_supported())
     assert not gate.computes(torch.float16)
 
 
 def test_a_failing_fast_path_switches_to_the_public_op_once(capsys):
-    gate = precision.OneDNN()
+    gate = onednn.Gate()
     calls = []
 
     def broken():
@@ -77,11 +79,11 @@ def test_a_failing_fast_path_switches_to_the_public_op_once(capsys):
 
 
 def test_preferred_memory_format():
-    assert precision.preferred_memory_format("cpu", torch.bfloat16) == torch.channels_last
-    assert precision.preferred_memory_format("cpu", torch.float32) == torch.contiguous_format
-    assert precision.preferred_memory_format("cpu") == torch.contiguous_format
-    assert precision.preferred_memory_format("cuda", torch.float16) == torch.channels_last
-    assert precision.preferred_memory_format("mps", torch.float16) == torch.contiguous_format
+    assert preferred_memory_format("cpu", torch.bfloat16) == torch.channels_last
+    assert preferred_memory_format("cpu", torch.float32) == torch.contiguous_format
+    assert preferred_memory_format("cpu") == torch.contiguous_format
+    assert preferred_memory_format("cuda", torch.float16) == torch.channels_last
+    assert preferred_memory_format("mps", torch.float16) == torch.contiguous_format
 
 
 def _mapping_rss(path: str) -> int:
@@ -124,16 +126,27 @@ def test_library_pages_are_handed_back(tmp_path):
     with open(library, "rb") as f, mmap.mmap(f.fileno(), 0, prot=mmap.PROT_READ) as mapped:
         checksum = sum(mapped[i] for i in range(0, len(mapped), 4096))  # touch every page
         assert _mapping_rss(str(library)) > 7 << 20
-        assert precision.release_library_pages() > 0
+        assert memory.release_library_pages() > 0
         assert _mapping_rss(str(library)) < 1 << 20
         assert sum(mapped[i] for i in range(0, len(mapped), 4096)) == checksum  # faults back in, same bytes
     x = torch.randn(64, 64)
     torch.testing.assert_close(x @ torch.eye(64), x)
 
 
-def test_tune_cpu_allocator_is_idempotent():
-    first = precision.tune_cpu_allocator()
-    assert precision.tune_cpu_allocator() == first
+def test_the_allocator_is_tuned_only_while_a_run_asks_for_it(monkeypatch):
+    """Entering sets glibc's heap to keep freed memory; nested entries change nothing; leaving the outermost
+    restores glibc's defaults."""
+    calls = []
+    monkeypatch.setattr(memory, "_mallopt", lambda settings: calls.append(dict(settings)) or True)
+    with memory.tuned_allocator() as tuned:
+        assert tuned and calls == [{memory._M_MMAP_MAX: 0, memory._M_TRIM_THRESHOLD: 2**31 - 1}]
+        with memory.tuned_allocator() as nested:
+            assert nested and len(calls) == 1
+        assert len(calls) == 1
+    assert calls[1] == {memory._M_MMAP_MAX: 65536, memory._M_TRIM_THRESHOLD: 128 * 1024}
+    with pytest.raises(KeyError), memory.tuned_allocator():
+        raise KeyError("a failing run restores them too")
+    assert len(calls) == 4 and calls[3] == calls[1]
 
 
 class _Decoder:
@@ -200,7 +213,7 @@ def test_full_model_bf16_is_close_to_fp32(tmp_path_factory):
     from omegaconf import OmegaConf
     from safetensors.torch import load_file
 
-    from ldm.deterministic_weights import write_deterministic_checkpoint
+    from ldm.testing.deterministic_weights import write_deterministic_checkpoint
     from tests.conftest import FIXTURES
 
     config = OmegaConf.load("configs/stable-diffusion/v1-inference.yaml")

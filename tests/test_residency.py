@@ -1,4 +1,5 @@
-"""Model parts that hold their compute weights only while in use (ldm.residency) and the CPU pipeline's use of them."""
+"""Model parts that hold their compute weights only while in use (ldm.inference.residency), and the CPU pipeline's
+use of them."""
 from __future__ import annotations
 
 import os
@@ -7,10 +8,14 @@ import numpy as np
 import pytest
 import torch
 
-from ldm.checkpoint import load_model_from_config
-from ldm.pipeline import Pipeline, Settings, load_pipeline, resolve_precision
-from ldm.precision import Conv2d, is_conv_kernel, kernel_dtype, onednn, tune_cpu_allocator
-from ldm.residency import PartWeights
+from ldm.backend.layout import is_conv_kernel
+from ldm.backend.memory import tuned_allocator
+from ldm.backend.onednn import gate
+from ldm.inference.pipeline import Pipeline, Settings, load_pipeline
+from ldm.inference.precision import resolve_precision
+from ldm.inference.residency import PartWeights
+from ldm.loading.build import load_model_from_config
+from ldm.modules.ops import Conv2d, kernel_dtype
 from tests.conftest import assert_matches_reference, tiny_config
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -32,7 +37,7 @@ def test_a_part_computes_in_its_dtype_and_layout_only_while_in_use(tiny_ckpt, ti
     stored = {name: p.data for name, p in unet.named_parameters()}
     convs = [m for m in unet.modules() if isinstance(m, Conv2d) and is_conv_kernel(m.weight)]
     weights = PartWeights(unet, torch.bfloat16, torch.channels_last)
-    packs = onednn.usable("convolution", torch.bfloat16)  # where oneDNN computes bf16 on this CPU
+    packs = gate.usable("convolution", torch.bfloat16)  # where oneDNN computes bf16 on this CPU
     for _ in range(2):  # a part can be used again after being set aside
         weights.use()
         for name, p in unet.named_parameters():
@@ -87,19 +92,18 @@ def test_weights_that_need_no_conversion_are_not_copied(tiny_ckpt):
 
 @pytest.mark.skipif(not os.path.exists("/proc/self/status"), reason="needs Linux /proc")
 def test_setting_a_part_aside_returns_its_converted_memory_to_the_system():
-    """Even with the C heap told to keep freed memory (as the pipeline does on the CPU)."""
-    tune_cpu_allocator()
-
+    """Even with the C heap told to keep freed memory (as a CPU run does)."""
     def anon_bytes() -> int:
         with open("/proc/self/status") as f:
             return next(int(line.split()[1]) * 1024 for line in f if line.startswith("RssAnon:"))
 
-    part = torch.nn.Sequential(*[torch.nn.Linear(1024, 1024, bias=False) for _ in range(16)])  # 64 MiB float32
-    weights = PartWeights(part, torch.bfloat16, torch.contiguous_format)
-    weights.use()  # 32 MiB of bf16 copies
-    in_use = anon_bytes()
-    weights.set_aside()
-    assert in_use - anon_bytes() > 24 << 20
+    with tuned_allocator():
+        part = torch.nn.Sequential(*[torch.nn.Linear(1024, 1024, bias=False) for _ in range(16)])  # 64 MiB fp32
+        weights = PartWeights(part, torch.bfloat16, torch.contiguous_format)
+        weights.use()  # 32 MiB of bf16 copies
+        in_use = anon_bytes()
+        weights.set_aside()
+        assert in_use - anon_bytes() > 24 << 20
 
 
 def generate(pipe: Pipeline) -> np.ndarray:

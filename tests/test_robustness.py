@@ -2,7 +2,7 @@
 
 Claims about a process (exit code, one line on stderr, no traceback, network namespace, signals, a read-only
 mount) are checked on real processes, started together where they can be; the rest runs the scripts' own
-``main`` under the same ``ldm.cli.main`` wrapper in this process. The image and prompt readers are also checked
+``main`` under the same ``ldm.app.cli.main`` wrapper in this process. The image and prompt readers are also checked
 with hypothesis on arbitrary and on mutated bytes: any input gives a valid result or an ``LdmError``.
 """
 from __future__ import annotations
@@ -32,11 +32,12 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from ldm import cli
-from ldm.checkpoint import CheckpointError, load_model_from_config, read_checkpoint
-from ldm.errors import InputError, LdmError, OutputError
-from ldm.image_io import MAX_IMAGE_PIXELS, MAX_PROMPT_CHARS, open_image, read_prompt_file
-from ldm.output import TEMP_PREFIX, NumberedWriter, highest_index, remove_stale_temp_files
+from ldm.app import cli
+from ldm.app.image_io import MAX_IMAGE_PIXELS, MAX_PROMPT_CHARS, open_image, read_prompt_file
+from ldm.app.output import TEMP_PREFIX, NumberedWriter, highest_index, remove_stale_temp_files
+from ldm.errors import CheckpointError, InputError, LdmError, OutputError
+from ldm.loading.build import load_model_from_config
+from ldm.loading.checkpoint import read_checkpoint
 from tests.conftest import tiny_config, tiny_state_dict
 from tests.test_output import smooth_image
 from tests.test_scripts import model_flags, pixels, run_inline, script, start
@@ -325,8 +326,8 @@ except OSError:
     pass
 import torch
 from omegaconf import OmegaConf
-from ldm import cli
-from ldm.checkpoint import parameters_on_meta
+from ldm.app import cli
+from ldm.loading.build import parameters_on_meta
 from ldm.util import instantiate_from_config
 
 ROOT, TMP, CKPT, CONFIG = sys.argv[1:5]
@@ -688,7 +689,7 @@ def test_out_of_range_flags_fail_before_loading(argv, expected, tmp_path, tiny_c
 def test_init_image_too_large_for_memory_fails_before_loading(tmp_path, tiny_ckpt, tiny_config_path, capsys,
                                                               monkeypatch):
     """The init image decides the size: checked against the memory (here a pretended 0.1 GiB) before loading."""
-    import ldm.run
+    import ldm.app.run
 
     image = tmp_path / "big.png"
     Image.new("RGB", (2000, 2100)).save(image)
@@ -696,7 +697,7 @@ def test_init_image_too_large_for_memory_fails_before_loading(tmp_path, tiny_ckp
                                                        "--safety_checker", "off"]
     code, out, err = run_inline("img2img", argv + ["--strength", "nan"], capsys)
     assert_one_line(code, err, "--strength must be between 0.0 and 1.0 (got nan)", out)
-    monkeypatch.setattr(ldm.run, "total_memory_bytes", lambda device: 2**30 // 20)
+    monkeypatch.setattr(ldm.app.run, "total_memory_bytes", lambda device: 2**30 // 20)
     code, out, err = run_inline("img2img", argv, capsys)
     assert_one_line(code, err, "GiB while sampling (estimate), more than the 0.05 GiB of cpu memory here; use a "
                                "smaller --H/--W (scale the init image down)", out)
@@ -707,7 +708,7 @@ def test_memory_estimate_is_small_at_the_default_size():
     """The estimate is a lower bound: it must never refuse SD v1 at 512x512, even on a small machine."""
     from omegaconf import OmegaConf
 
-    from ldm.run import sampling_memory_bytes
+    from ldm.app.run import sampling_memory_bytes
 
     config = OmegaConf.load(ROOT / "configs/stable-diffusion/v1-inference.yaml")
     assert sampling_memory_bytes(config, 512, 512, 4) < 0.1 * 2**30
@@ -745,10 +746,10 @@ def test_signal_during_the_grid_write_keeps_the_grid_whole(signum, code, tmp_pat
                                                            capsys, monkeypatch):
     """The signal arrives while the grid's PNG is being written: the grid is finished and published, then the
     run stops with the signal's exit code, leaving no temporary file."""
-    import ldm.output
+    import ldm.app.output
 
     calls = []
-    real_png_info = ldm.output.png_info
+    real_png_info = ldm.app.output.png_info
 
     def png_info_then_signal(parameters):
         calls.append(parameters)
@@ -756,7 +757,7 @@ def test_signal_during_the_grid_write_keeps_the_grid_whole(signum, code, tmp_pat
             os.kill(os.getpid(), signum)
         return real_png_info(parameters)
 
-    monkeypatch.setattr(ldm.output, "png_info", png_info_then_signal)
+    monkeypatch.setattr(ldm.app.output, "png_info", png_info_then_signal)
     outdir = tmp_path / "out"
     argv = model_flags(tiny_ckpt, tiny_config_path) + ["--H", "64", "--W", "64", "--ddim_steps", "2", "--n_samples",
                                                        "2", "--n_iter", "1", "--safety_checker", "off",
@@ -771,7 +772,7 @@ def test_signal_during_the_grid_write_keeps_the_grid_whole(signum, code, tmp_pat
 
 KILLED_WRITER = '''
 import sys, time
-from ldm.output import NumberedWriter
+from ldm.app.output import NumberedWriter
 
 
 class Slow:

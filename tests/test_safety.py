@@ -12,9 +12,9 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
-from ldm.checkpoint import CheckpointError
-from ldm.errors import ModelNotFoundError
-from ldm.safety import DEFAULT_PREPROCESSOR, SafetyChecker, find_safety_checker, hf_cache_folder, load_safety_checker
+from ldm.errors import CheckpointError, ModelNotFoundError
+from ldm.inference.safety import DEFAULT_PREPROCESSOR, SafetyChecker, find_safety_checker, load_safety_checker
+from ldm.loading.local_files import hf_cache_folder
 
 diffusers_checker = pytest.importorskip("diffusers.pipelines.stable_diffusion.safety_checker")
 
@@ -197,7 +197,8 @@ def test_auto_finds_the_hugging_face_cache(tmp_path, monkeypatch, checker_folder
     shutil.copytree(checker_folder, repo / "snapshots" / "abc123")
     (repo / "refs").mkdir()
     (repo / "refs" / "main").write_text("abc123")
-    assert hf_cache_folder() == repo / "snapshots" / "abc123"
+    has_config = lambda folder: (folder / "config.json").is_file()  # noqa: E731
+    assert hf_cache_folder("CompVis/stable-diffusion-safety-checker", has_config) == repo / "snapshots" / "abc123"
     assert find_safety_checker("auto") == repo / "snapshots" / "abc123"
     assert isinstance(load_safety_checker("auto"), SafetyChecker)
 

@@ -539,8 +539,6 @@ def test_original_attributes(fake_model):
     assert torch.equal(sampler.ddim_alphas, ac[sampler.ddim_timesteps])
     assert torch.equal(sampler.ddim_alphas_prev[1:], ac[sampler.ddim_timesteps[:-1]])
     assert sampler.ddim_alphas_prev[0] == ac[0] and not sampler.ddim_sigmas.any()
-    sampler.register_buffer("extra", torch.ones(2, dtype=torch.float64))
-    assert sampler.extra.dtype == torch.float32
 
 
 def test_sample_log_uses_ddim(tiny_model, tiny_io):

@@ -2,7 +2,7 @@
 
 Each real process pays ~5 s of imports, so the runs that need one (two concurrent writers, the 512x512
 watermark, img2img, Ctrl-C, tracebacks) start together as subprocesses, and the other flag combinations run the
-scripts' own ``main`` in this process, under the same ``ldm.cli.main`` wrapper, while those work. Everything
+scripts' own ``main`` in this process, under the same ``ldm.app.cli.main`` wrapper, while those work. Everything
 runs on one thread: the processes share the CPU, and an image's pixels depend on the thread count.
 """
 from __future__ import annotations
@@ -21,8 +21,8 @@ import pytest
 import torch
 from PIL import Image
 
-from ldm import cli
-from ldm.output import Watermarker, parse_parameters, read_watermark
+from ldm.app import cli
+from ldm.app.output import Watermarker, parse_parameters, read_watermark
 from tests.test_output import smooth_image
 
 ROOT = Path(__file__).resolve().parents[1]

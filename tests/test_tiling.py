@@ -5,7 +5,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from ldm.tiling import decode_memory_bytes, decode_needs_tiling, tile_starts, tiled_apply, tiled_decode, tiled_encode
+from ldm.inference.tiling import (
+    decode_memory_bytes,
+    decode_needs_tiling,
+    tile_starts,
+    tiled_apply,
+    tiled_decode,
+    tiled_encode,
+)
 
 
 @pytest.mark.parametrize("size,tile,overlap,multiple", [(10, 4, 1, 1), (64, 16, 4, 1), (40, 16, 8, 8), (7, 8, 2, 1),

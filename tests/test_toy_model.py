@@ -16,8 +16,8 @@ import torch
 from omegaconf import OmegaConf
 from PIL import Image
 
-from ldm.checkpoint import read_checkpoint
 from ldm.data.toy_shapes import CAPTIONS, CLASSES, render, spec_for_index
+from ldm.loading.checkpoint import read_checkpoint
 from tests.toy_classifier import classify, inspect
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -166,7 +166,7 @@ def test_txt2img_draws_what_the_caption_says(sampler, tmp_path):
 @needs_model
 def test_library_api_generates_the_caption():
     """The same model through the library (DDIM sampler, EMA baked in): a quick check on a few captions."""
-    from ldm.checkpoint import load_model_from_config
+    from ldm.loading.build import load_model_from_config
     from ldm.models.diffusion.ddim import DDIMSampler
 
     config = OmegaConf.load(CONFIG)

@@ -16,7 +16,6 @@ from omegaconf import OmegaConf
 from torch import nn
 
 import main as main_module
-from ldm.checkpoint import CheckpointError, load_model_from_config, read_checkpoint
 from ldm.data.toy_shapes import (
     CAPTIONS,
     ToyShapes,
@@ -25,6 +24,9 @@ from ldm.data.toy_shapes import (
     ToyShapesValidation,
     spec_for_index,
 )
+from ldm.errors import CheckpointError
+from ldm.loading.build import load_model_from_config
+from ldm.loading.checkpoint import read_checkpoint
 from ldm.lr_scheduler import LambdaLinearScheduler, LambdaWarmUpCosineScheduler, LambdaWarmUpCosineScheduler2
 from ldm.util import instantiate_from_config
 from tests.conftest import TINY

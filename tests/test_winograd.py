@@ -1,4 +1,5 @@
-"""Winograd F(2x2, 3x3) and F(4x4, 3x3) (ldm/winograd.py): the float32 CPU convolutions keep the original's numbers.
+"""Winograd F(2x2, 3x3) and F(4x4, 3x3) (ldm/backend/winograd.py): the float32 CPU convolutions keep the
+original's numbers.
 
 The reference is the direct convolution in float64; the tiny model runs with the thresholds lowered so that its
 small convolutions take the Winograd path, against the original's golden outputs.
@@ -9,10 +10,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from ldm import winograd
-from ldm.checkpoint import load_model_from_config
-from ldm.precision import Conv2d
-from ldm.residency import PartWeights
+from ldm.backend import winograd
+from ldm.inference.residency import PartWeights
+from ldm.loading.build import load_model_from_config
+from ldm.modules.ops import Conv2d
 from tests.conftest import assert_matches_reference, tiny_config
 
 CL = torch.channels_last

@@ -45,7 +45,7 @@ class AutoencoderKL(pl.LightningModule):
 
     def init_from_ckpt(self, path: str, ignore_keys: Sequence[str] = ()) -> None:
         """Load an autoencoder checkpoint; keys starting with ``ignore_keys`` and training-loss keys are skipped."""
-        from ldm.checkpoint import load_weights_into
+        from ldm.loading.checkpoint import load_weights_into
 
         load_weights_into(self, path, ignore_prefixes=tuple(ignore_keys), optional_prefixes=("loss.",))
         print(f"Restored from {path}")

@@ -3,7 +3,7 @@
 Module and attribute names follow the original so checkpoint keys match
 (``attn1.to_q.weight``, ``ff.net.0.proj.weight``, ``transformer_blocks.0.norm1.weight``, ...).
 Attention runs through ``scaled_dot_product_attention``: no (tokens x tokens) matrix is materialised.
-Feature maps may be channels_last (see :mod:`ldm.precision`): then the token view of a map is free, and the
+Feature maps may be channels_last (see :mod:`ldm.modules.ops`): then the token view of a map is free, and the
 result keeps the input's memory format so the convolutions never convert their weights per call.
 """
 from __future__ import annotations
@@ -12,8 +12,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ldm.backend.layout import memory_format_of
 from ldm.modules.diffusionmodules.util import checkpoint, zero_module
-from ldm.precision import linear_add, linear_geglu, memory_format_of, pointwise_conv
+from ldm.modules.ops import linear_add, linear_geglu, pointwise_conv
 from ldm.util import default
 
 

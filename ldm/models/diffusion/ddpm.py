@@ -172,7 +172,7 @@ class DDPM(pl.LightningModule):
 
     def init_from_ckpt(self, path: str, ignore_keys: Sequence[str] = (), only_model: bool = False) -> None:
         """Load weights from a checkpoint file (strict; keys starting with ``ignore_keys`` are dropped)."""
-        from ldm.checkpoint import load_weights_into
+        from ldm.loading.checkpoint import load_weights_into
 
         target = self.model if only_model else self
         load_weights_into(target, path, ignore_prefixes=tuple(ignore_keys))

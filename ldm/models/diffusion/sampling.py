@@ -253,22 +253,20 @@ class Sampler:
     name = "DDIM"
 
     def __init__(self, model: Any, schedule: str = "linear", **kwargs: Any):
+        """``schedule`` and ``kwargs`` are the original's and unused (the schedule is the model's)."""
         if getattr(model, "parameterization", "eps") != "eps":
             raise ValueError(f"{type(self).__name__} needs a model that predicts noise (parameterization 'eps'), "
                              f"not '{model.parameterization}'")
         self.model = model
         self.ddpm_num_timesteps = model.num_timesteps
-        self.schedule = schedule
 
     @property
     def device(self) -> torch.device:
         return self.model.betas.device
 
-    def register_buffer(self, name: str, attr: Any) -> None:
-        """Set ``self.<name>``; tensors go to the model's device, floating ones as float32."""
-        if isinstance(attr, torch.Tensor):
-            attr = attr.to(device=self.device, dtype=torch.float32 if attr.is_floating_point() else attr.dtype)
-        setattr(self, name, attr)
+    def _float32(self, t: torch.Tensor) -> torch.Tensor:
+        """A schedule tensor as the samplers keep it: float32 on the model's device."""
+        return t.detach().to(device=self.device, dtype=torch.float32)
 
     # -------------------------------------------------------------- subclass hooks
     def make_schedule(self, ddim_num_steps: int, ddim_discretize: str = "uniform", ddim_eta: float = 0.0,
@@ -409,25 +407,20 @@ class DiscreteTimeSampler(Sampler):
         alphas_cumprod = model.alphas_cumprod.detach().float()
         if alphas_cumprod.shape[0] != self.ddpm_num_timesteps:
             raise ValueError("the model's alphas_cumprod must have one value per timestep")
-        self.register_buffer("betas", model.betas.detach())
-        self.register_buffer("alphas_cumprod", alphas_cumprod)
-        self.register_buffer("alphas_cumprod_prev", model.alphas_cumprod_prev.detach())
-        self.register_buffer("sqrt_alphas_cumprod", alphas_cumprod.sqrt())
-        self.register_buffer("sqrt_one_minus_alphas_cumprod", (1.0 - alphas_cumprod).sqrt())
-        self.register_buffer("log_one_minus_alphas_cumprod", (1.0 - alphas_cumprod).log())
-        self.register_buffer("sqrt_recip_alphas_cumprod", (1.0 / alphas_cumprod).sqrt())
-        self.register_buffer("sqrt_recipm1_alphas_cumprod", (1.0 / alphas_cumprod - 1).sqrt())
+        self.alphas_cumprod = self._float32(alphas_cumprod)
+        self.alphas_cumprod_prev = self._float32(model.alphas_cumprod_prev)
+        self.sqrt_alphas_cumprod = self.alphas_cumprod.sqrt()
+        self.sqrt_one_minus_alphas_cumprod = (1.0 - self.alphas_cumprod).sqrt()
 
         sigmas, alphas, alphas_prev = make_ddim_sampling_parameters(alphas_cumprod.cpu(), self.ddim_timesteps,
                                                                     eta=ddim_eta, verbose=verbose)
-        self.register_buffer("ddim_sigmas", sigmas)
-        self.register_buffer("ddim_alphas", alphas)
-        self.register_buffer("ddim_alphas_prev", alphas_prev)
-        self.register_buffer("ddim_sqrt_one_minus_alphas", (1.0 - alphas).sqrt())
+        self.ddim_sigmas, self.ddim_alphas, self.ddim_alphas_prev = (self._float32(t) for t in (sigmas, alphas,
+                                                                                                alphas_prev))
+        self.ddim_sqrt_one_minus_alphas = (1.0 - self.ddim_alphas).sqrt()
         # eta-scaled DDPM posterior std for decode(use_original_steps=True), Ho et al. eq. 7
         acp, acp_prev = self.alphas_cumprod, self.alphas_cumprod_prev
-        self.register_buffer("ddim_sigmas_for_original_num_steps",
-                             ddim_eta * torch.sqrt((1 - acp_prev) / (1 - acp) * (1 - acp / acp_prev)))
+        self.ddim_sigmas_for_original_num_steps = ddim_eta * torch.sqrt(
+            (1 - acp_prev) / (1 - acp) * (1 - acp / acp_prev))
 
     def num_schedule_steps(self, use_original_steps: bool = False) -> int:
         self._require_schedule()

@@ -1,7 +1,7 @@
 """Encoder and Decoder of the KL autoencoder (the first stage): images <-> latents at 1/2**(len(ch_mult)-1) size.
 
 Names (``down.0.block.1.conv1``, ``mid.attn_1.q``, ``up.3.upsample.conv``, ...) are the original's.
-Both compute in their weights' memory format (channels_last when loaded by :mod:`ldm.checkpoint`) and dtype.
+Both compute in their weights' memory format (channels_last when loaded by :mod:`ldm.loading.checkpoint`) and dtype.
 """
 from __future__ import annotations
 
@@ -11,7 +11,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ldm.precision import Conv2d, kernel_dtype, memory_format_of, module_memory_format, pointwise_conv
+from ldm.backend.layout import memory_format_of
+from ldm.modules.ops import Conv2d, kernel_dtype, module_memory_format, pointwise_conv
 
 
 def nonlinearity(x: torch.Tensor) -> torch.Tensor:

@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ldm.backend.layout import memory_format_of
 from ldm.modules.attention import SpatialTransformer
 from ldm.modules.diffusionmodules.util import (
     avg_pool_nd,
@@ -23,7 +24,7 @@ from ldm.modules.diffusionmodules.util import (
     timestep_embedding,
     zero_module,
 )
-from ldm.precision import Conv2d, memory_format_of, module_memory_format, pointwise_conv
+from ldm.modules.ops import Conv2d, module_memory_format, pointwise_conv
 
 
 def run_layers(layers: nn.Sequential, x: torch.Tensor) -> torch.Tensor:

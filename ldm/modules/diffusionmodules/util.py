@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint as torch_checkpoint
 
-from ldm.precision import Conv2d
+from ldm.modules.ops import Conv2d
 
 
 def make_beta_schedule(schedule: str, n_timestep: int, linear_start: float = 1e-4,

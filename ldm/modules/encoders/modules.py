@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ldm.errors import InputError, TokenizerNotFoundError
+from ldm.errors import InputError, TokenizerNotFoundError, first_line
 
 DEFAULT_CLIP_VERSION = "openai/clip-vit-large-patch14"
 TOKENIZER_DIR = Path(__file__).parent / "clip_tokenizer"
@@ -207,7 +207,7 @@ def find_bert_tokenizer(version: str = DEFAULT_BERT_VERSION) -> Path:
     for base in (Path.cwd(), PROJECT_ROOT):
         if _has_bert_vocab(base / MODELS_DIR / version):
             return base / MODELS_DIR / version
-    from ldm.safety import hf_cache_folder
+    from ldm.loading.local_files import hf_cache_folder
 
     for repo_id in BERT_HUB_IDS.get(version, (version,)):
         try:
@@ -230,7 +230,7 @@ def load_bert_tokenizer(version: str = DEFAULT_BERT_VERSION):
         # from_pretrained(folder): the constructor's vocab_file= is silently ignored by transformers 5
         tokenizer = BertTokenizerFast.from_pretrained(str(folder), local_files_only=True)
     except Exception as err:  # corrupt or foreign files: tell which folder, in one line
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        first = first_line(err)
         raise TokenizerNotFoundError(f"cannot read the BERT tokenizer in {folder}: {first}") from None
     if len(tokenizer) <= len(set(tokenizer.all_special_tokens)):
         raise TokenizerNotFoundError(f"the BERT tokenizer in {folder} holds only its {len(tokenizer)} special tokens; "

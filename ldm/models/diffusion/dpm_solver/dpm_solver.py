@@ -9,8 +9,6 @@ t = 1 to t = 1 / N; the UNet sees the label (t - 1 / N) N in [0, N - 1].
 """
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 
 from ldm.models.diffusion.sampling import EpsFn, NoiseOptions, predict_x0
@@ -79,9 +77,9 @@ class DPMSolverPPSolver:
     One model evaluation per step; step i uses the data prediction at times[i] and the one of the step before.
     """
 
-    def __init__(self, model: Any, ns: NoiseScheduleVP, times: torch.Tensor, eps_fn: EpsFn, options: NoiseOptions,
+    def __init__(self, ns: NoiseScheduleVP, times: torch.Tensor, eps_fn: EpsFn, options: NoiseOptions,
                  lower_order_final: bool = True):
-        self.model, self.ns, self.times, self.eps_fn, self.options = model, ns, times, eps_fn, options
+        self.ns, self.times, self.eps_fn, self.options = ns, times, eps_fn, options
         self.num_steps = len(times) - 1
         self.lower_order_final = lower_order_final
         self.alphas = ns.marginal_alpha(times)

@@ -22,7 +22,7 @@ class DPMSolverSampler(Sampler):
 
     def __init__(self, model: Any, schedule: str = "linear", **kwargs: Any):
         super().__init__(model, schedule, **kwargs)
-        self.register_buffer("alphas_cumprod", model.alphas_cumprod.detach())
+        self.alphas_cumprod = self._float32(model.alphas_cumprod)
 
     def make_schedule(self, ddim_num_steps: int, ddim_discretize: str = "uniform", ddim_eta: float = 0.0,
                       verbose: bool = True) -> None:
@@ -52,7 +52,7 @@ class DPMSolverSampler(Sampler):
     def make_solver(self, eps_fn: EpsFn, num_steps: int, options: NoiseOptions,
                     use_original_steps: bool = False) -> DPMSolverPPSolver:
         total = self.num_schedule_steps(use_original_steps)
-        return DPMSolverPPSolver(self.model, self.noise_schedule, self.timesteps[total - num_steps:], eps_fn, options)
+        return DPMSolverPPSolver(self.noise_schedule, self.timesteps[total - num_steps:], eps_fn, options)
 
     @torch.no_grad()
     def stochastic_encode(self, x0: torch.Tensor, t: torch.Tensor | int, use_original_steps: bool = False,

@@ -10,7 +10,7 @@ import sys
 import threading
 from typing import Callable, NoReturn, Sequence
 
-from ldm.errors import InputError, LdmError, ModelNotFoundError
+from ldm.errors import InputError, LdmError, ModelNotFoundError, Terminated, first_line
 
 TRACEBACK_ENV = "LDM_TRACEBACK"
 EXIT_INTERRUPTED = 130
@@ -54,24 +54,11 @@ def add_precision_flag(parser: argparse.ArgumentParser) -> None:
                         default="autocast")
 
 
-class Terminated(BaseException):
-    """Raised in the main thread when SIGTERM or SIGHUP arrives, so cleanup code runs as for Ctrl-C."""
-
-    def __init__(self, signum: int = getattr(signal, "SIGTERM", 15)):
-        super().__init__(signum)
-        self.signum = signum
-
-
 def _on_terminate(signum: int, frame) -> None:
     raise Terminated(signum)
 
 
 _TERMINATING = tuple(getattr(signal, name) for name in ("SIGTERM", "SIGHUP") if hasattr(signal, name))
-
-
-def _first_line(err: BaseException) -> str:
-    lines = str(err).strip().splitlines()
-    return lines[0] if lines else type(err).__name__
 
 
 def main(body: Callable[[Sequence[str] | None], object], argv: Sequence[str] | None = None,
@@ -90,8 +77,8 @@ def main(body: Callable[[Sequence[str] | None], object], argv: Sequence[str] | N
     except Terminated as stop:
         print(f"{prog}: terminated; the images saved so far are complete", file=sys.stderr)
         return 128 + int(stop.signum)
-    except LdmError as err:  # includes ldm.checkpoint.CheckpointError
-        print(f"{prog}: error: {_first_line(err)}", file=sys.stderr)
+    except LdmError as err:
+        print(f"{prog}: error: {first_line(err)}", file=sys.stderr)
         return err.exit_code
     except BrokenPipeError:
         return 1
@@ -101,15 +88,16 @@ def main(body: Callable[[Sequence[str] | None], object], argv: Sequence[str] | N
     except Exception as err:
         if os.environ.get(TRACEBACK_ENV):  # a bug or an unforeseen environment problem: still one line, unless asked
             raise
-        if type(err).__name__ == "OutOfMemoryError":
+        torch_oom = getattr(sys.modules.get("torch"), "OutOfMemoryError", ())  # only where torch was imported
+        if isinstance(err, torch_oom):
             print(f"{prog}: error: out of device memory; try a smaller --H/--W or --n_samples, or --precision "
                   f"fp16", file=sys.stderr)
-        elif "can't allocate memory" in str(err):  # torch's CPU allocator: a RuntimeError, not a MemoryError
+        elif "can't allocate memory" in str(err):  # torch's CPU allocator raises a bare RuntimeError: no type says it
             size = re.search(r"allocate (\d+) bytes", str(err))
             detail = f" (an allocation of {int(size.group(1)) / 2**30:.1f} GiB failed)" if size else ""
             print(f"{prog}: error: out of memory{detail}; try a smaller --H/--W or --n_samples", file=sys.stderr)
         else:
-            print(f"{prog}: error: {type(err).__name__}: {_first_line(err)} (set {TRACEBACK_ENV}=1 for the "
+            print(f"{prog}: error: {type(err).__name__}: {first_line(err)} (set {TRACEBACK_ENV}=1 for the "
                   f"traceback)", file=sys.stderr)
         return 1
     finally:

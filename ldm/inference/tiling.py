@@ -14,6 +14,7 @@ from typing import Any, Callable
 
 import torch
 
+from ldm.backend.memory import available_memory_bytes
 from ldm.modules.distributions.distributions import DiagonalGaussianDistribution
 
 
@@ -105,18 +106,6 @@ def decode_memory_bytes(z_shape: tuple[int, ...], dtype: torch.dtype = torch.flo
     at 512x512)."""
     b, _, h, w = z_shape
     return 6 * b * channels * h * factor * w * factor * torch.empty(0, dtype=dtype).element_size()
-
-
-def available_memory_bytes() -> int | None:
-    """``MemAvailable`` of this machine (Linux), or None where unknown."""
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        return None
-    return None
 
 
 def decode_needs_tiling(z: torch.Tensor, headroom: float = 0.5) -> bool:

@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Sequence
 
 import numpy as np
 import torch
@@ -20,8 +20,10 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import nn
 
-from ldm.checkpoint import CheckpointError, load_weights_into, parameters_on_meta, read_state_dict
-from ldm.errors import ModelNotFoundError
+from ldm.errors import CheckpointError, ModelNotFoundError
+from ldm.loading.build import parameters_on_meta
+from ldm.loading.checkpoint import load_weights_into, read_state_dict
+from ldm.loading.local_files import hf_cache_folder
 
 SAFETY_MODEL_ID = "CompVis/stable-diffusion-safety-checker"
 LOCAL_FOLDER = Path("models/safety-checker")
@@ -40,24 +42,6 @@ def _has_weights(folder: Path) -> bool:
     return (folder / "config.json").is_file() and any((folder / name).is_file() for name in WEIGHT_FILES)
 
 
-def hf_cache_folder(repo_id: str = SAFETY_MODEL_ID, complete: Callable[[Path], bool] = _has_weights) -> Path | None:
-    """The snapshot folder of ``repo_id`` in the local Hugging Face cache, if a ``complete`` one (default: one
-    with weights) is there."""
-    from huggingface_hub import constants
-
-    repo = Path(constants.HF_HUB_CACHE) / f"models--{repo_id.replace('/', '--')}"
-    snapshots = repo / "snapshots"
-    if not snapshots.is_dir():
-        return None
-    ref = repo / "refs" / "main"
-    if ref.is_file():
-        folder = snapshots / ref.read_text().strip()
-        if complete(folder):
-            return folder
-    candidates = [p for p in snapshots.iterdir() if p.is_dir() and complete(p)]
-    return max(candidates, key=lambda p: p.stat().st_mtime) if candidates else None
-
-
 def find_safety_checker(spec: str) -> Path | None:
     """Resolve ``--safety_checker``: ``off`` -> None; ``auto`` -> a local copy or None; a path -> that folder."""
     if spec == "off":
@@ -65,7 +49,7 @@ def find_safety_checker(spec: str) -> Path | None:
     if spec == "auto":
         if _has_weights(LOCAL_FOLDER):
             return LOCAL_FOLDER
-        return hf_cache_folder()
+        return hf_cache_folder(SAFETY_MODEL_ID, _has_weights)
     folder = Path(os.path.expanduser(spec))
     if not folder.is_dir():
         raise ModelNotFoundError(f"safety checker folder not found: {folder}; give the folder of {SAFETY_MODEL_ID} "

@@ -41,7 +41,7 @@ def det_state_dict(reference: dict[str, torch.Tensor], seed: int = 0) -> dict[st
 
 def write_deterministic_checkpoint(config, path, seed: int = 0, dtype: torch.dtype = torch.float32) -> None:
     """Save a checkpoint in the original layout ({"state_dict": ...}) with deterministic weights for ``config``."""
-    from ldm.checkpoint import parameters_on_meta
+    from ldm.loading.build import parameters_on_meta
     from ldm.util import instantiate_from_config
 
     model_config = config.model if "model" in config else config

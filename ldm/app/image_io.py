@@ -27,7 +27,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from ldm.errors import InputError
+from ldm.errors import InputError, first_line
 
 SIZE_MULTIPLE = 64  # SD v1: 8x autoencoder times 8x UNet downsampling
 MAX_IMAGE_PIXELS = 8192 * 8192
@@ -131,7 +131,7 @@ def open_image(path: str | Path, notice: Callable[[str], None] = _notice) -> Ima
         raise InputError(f"cannot read init image {path}: not enough memory to decode it; scale it down "
                          f"first") from None
     except Exception as err:  # the decoders parse untrusted bytes: any failure means a damaged file
-        detail = str(err).strip().splitlines()[0][:200] if str(err).strip() else type(err).__name__
+        detail = first_line(err)[:200]
         raise InputError(f"cannot read init image {path}: the file is truncated or corrupt ({detail})") from None
     finally:
         Image.MAX_IMAGE_PIXELS = previous

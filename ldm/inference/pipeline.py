@@ -1,7 +1,7 @@
 """Text-to-image and image-to-image generation of one batch: load, condition, sample, decode, check.
 
 :func:`load_pipeline` builds a :class:`Pipeline` (model, device, precision, safety checker) and
-:meth:`Pipeline.generate` turns prompts and seeds into images; :mod:`ldm.run` drives a whole script run
+:meth:`Pipeline.generate` turns prompts and seeds into images; :mod:`ldm.app.run` drives a whole script run
 (batches, watermark, metadata, files) on top of it.
 
 Seeds: image ``k`` of a run (counted in generation order: iteration, then prompt batch, then position in the
@@ -16,27 +16,28 @@ reseeded with the image's seed.
 from __future__ import annotations
 
 import importlib
-from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, ContextManager, Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 import torch
 from PIL import Image
 
-from ldm.checkpoint import CheckpointError, load_model_from_config, release_file_pages
-from ldm.errors import DeviceError, InputError, LdmError, ModelNotFoundError
-from ldm.output import ModelHash
-from ldm.precision import (
-    cpu_computes_bf16,
+from ldm.backend.layout import preferred_memory_format
+from ldm.backend.memory import release_file_pages
+from ldm.errors import CheckpointError, InputError, LdmError, ModelNotFoundError, first_line
+from ldm.inference.precision import (
+    Precision,
     decode_first_stage,
-    preferred_memory_format,
-    release_library_pages,
-    tune_cpu_allocator,
+    resolve_device,
+    resolve_precision,
+    slow_precision_notice,
 )
-from ldm.residency import PartWeights
-from ldm.tiling import decode_needs_tiling, tiled_decode, tiled_encode
+from ldm.inference.residency import PartWeights
+from ldm.inference.tiling import decode_needs_tiling, tiled_decode, tiled_encode
+from ldm.loading.build import load_model_from_config
+from ldm.loading.model_hash import ModelHash
 
 DEFAULT_CONFIG = "configs/stable-diffusion/v1-inference.yaml"
 DEFAULT_CKPT = "models/ldm/stable-diffusion-v1/model.ckpt"
@@ -50,85 +51,11 @@ SAMPLERS = {
     "plms": ("ldm.models.diffusion.plms", "PLMSSampler", "PLMS"),
     "dpm_solver": ("ldm.models.diffusion.dpm_solver", "DPMSolverSampler", "DPM-Solver++"),
 }
-PRECISIONS = ("full", "autocast", "bf16", "fp16")
 ENCODE_TILE_ABOVE = 1024 * 1024  # init images with more pixels are encoded in tiles
-DEVICES = ("auto", "cpu", "cuda", "mps")
 
 
 def _say(message: str) -> None:
     print(message, flush=True)
-
-
-# ---------------------------------------------------------------------------------------------- device
-def resolve_device(name: str = "auto") -> torch.device:
-    """``auto`` -> CUDA, else MPS, else CPU; an explicit device must be present here."""
-    if name == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda")
-        mps = getattr(torch.backends, "mps", None)
-        return torch.device("mps" if mps is not None and mps.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise InputError(f"unknown device '{name}'; use one of {', '.join(DEVICES)} (or cuda:N)") from None
-    if device.type == "cuda":
-        if not torch.cuda.is_available():
-            raise DeviceError(f"--device {name}: CUDA is not available on this machine (torch "
-                              f"{torch.__version__}); use --device cpu or auto")
-        if device.index is not None and device.index >= torch.cuda.device_count():
-            raise DeviceError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA device(s); "
-                              f"use cuda:0 to cuda:{torch.cuda.device_count() - 1}")
-    elif device.type == "mps":
-        mps = getattr(torch.backends, "mps", None)
-        if mps is None or not mps.is_available():
-            raise DeviceError(f"--device {name}: Apple MPS is not available on this machine; use --device cpu or auto")
-    elif device.type != "cpu":
-        raise InputError(f"unsupported device '{name}'; use one of {', '.join(DEVICES)}")
-    return device
-
-
-@dataclass(frozen=True)
-class Precision:
-    """How the model computes: weights dtype, and the autocast dtype (None: no autocast)."""
-
-    name: str
-    weight_dtype: torch.dtype
-    autocast_dtype: torch.dtype | None
-
-    def context(self, device: torch.device) -> ContextManager:
-        """The autocast context for ``device`` (a null context without autocast)."""
-        if self.autocast_dtype is None:
-            return nullcontext()
-        return torch.autocast(device.type, dtype=self.autocast_dtype)
-
-    @property
-    def label(self) -> str:
-        """Short name of what is actually used: fp32, bf16 or fp16."""
-        dtype = self.autocast_dtype or self.weight_dtype
-        return {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[dtype]
-
-
-def resolve_precision(name: str, device: torch.device) -> Precision:
-    """``full``: float32; ``autocast``: fp16 autocast over float32 weights on CUDA (as the original), bfloat16
-    weights and compute on a CPU that computes bf16 in hardware as oneDNN may use it (faster there than float32
-    weights under autocast, and half the memory), else plain float32; ``bf16``/``fp16``: weights cast to that
-    dtype, computed under autocast (on any CPU; without hardware bf16 through torch's slower kernels)."""
-    if name == "full":
-        return Precision(name, torch.float32, None)
-    if name == "autocast":
-        if device.type == "cuda":
-            return Precision(name, torch.float32, torch.float16)
-        if device.type == "cpu" and cpu_computes_bf16():
-            return Precision(name, torch.bfloat16, torch.bfloat16)
-        return Precision(name, torch.float32, None)
-    if name == "bf16":
-        if device.type == "cuda" and not torch.cuda.is_bf16_supported():
-            raise DeviceError(f"--precision bf16: {torch.cuda.get_device_name(device)} has no bfloat16 support; "
-                              f"use --precision fp16 or full")
-        return Precision(name, torch.bfloat16, torch.bfloat16)
-    if name == "fp16":
-        return Precision(name, torch.float16, torch.float16)
-    raise InputError(f"unknown precision '{name}'; use one of {', '.join(PRECISIONS)}")
 
 
 # ---------------------------------------------------------------------------------------------- model
@@ -154,7 +81,7 @@ def load_config(path: str | Path):
     try:
         config = OmegaConf.load(path)
     except (OSError, UnicodeDecodeError, YAMLError, OmegaConfBaseException) as err:
-        raise InputError(f"cannot read config {path}: {str(err).splitlines()[0] if str(err) else err}") from None
+        raise InputError(f"cannot read config {path}: {first_line(err)}") from None
     if not hasattr(config, "get") or config.get("model") is None or "target" not in config.model:
         raise InputError(f"config {path} has no model.target entry; use a model config such as {DEFAULT_CONFIG}")
     return config
@@ -181,7 +108,7 @@ class Pipeline:
     """A loaded model on its device, with its precision and optional safety checker.
 
     ``part_weights`` (set by :func:`load_pipeline` on the CPU): the text encoder, UNet and autoencoder hold
-    their compute weights only while in use (see :mod:`ldm.residency`); the pipeline's methods call
+    their compute weights only while in use (see :mod:`ldm.inference.residency`); the pipeline's methods call
     :meth:`use` and :meth:`set_aside`. Code that calls ``pipe.model`` directly gets correct results either way,
     from the stored weights (e.g. float32 under a bf16 autocast) where a part is set aside.
     """
@@ -312,8 +239,7 @@ class Pipeline:
         self.use(self.model.model)
         sampler = self.sampler(settings.sampler)
         t_enc = img2img_steps(settings.strength, settings.steps)
-        if hasattr(sampler, "make_schedule"):
-            sampler.make_schedule(ddim_num_steps=settings.steps, ddim_eta=settings.eta, verbose=False)
+        sampler.make_schedule(ddim_num_steps=settings.steps, ddim_eta=settings.eta, verbose=False)
         t = torch.tensor([t_enc] * len(prompts), device=self.device)
         z_enc = sampler.stochastic_encode(init_latent, t, noise=noise)
         return sampler.decode(z_enc, c, t_enc, unconditional_guidance_scale=settings.scale,
@@ -369,26 +295,25 @@ def load_pipeline(config: str | Path, ckpt: str | Path, device: str = "auto", pr
                   safety_checker: str = "off", say: Callable[[str], None] = _say, verbose: bool = True) -> Pipeline:
     """Load the model of ``config``/``ckpt`` on ``device`` at ``precision``, and the safety checker
     (``verbose``: print the checkpoint's step and loading notes)."""
-    from ldm.safety import load_safety_checker
+    from ldm.inference.safety import load_safety_checker
 
     torch_device = resolve_device(device)
     prec = resolve_precision(precision, torch_device)
-    if torch_device.type == "cpu" and prec.autocast_dtype == torch.bfloat16 and not cpu_computes_bf16():
-        say("notice: this CPU has no bfloat16 arithmetic oneDNN may use (AVX512-BF16/AMX); --precision bf16 runs "
-            "through slower kernels here, --precision full is faster")
+    notice = slow_precision_notice(prec, torch_device)
+    if notice:
+        say(notice)
     check_model_files(config, ckpt)
     config_obj = load_config(config)
     model_hash = ModelHash(ckpt)
     say(f"Loading model from {ckpt}")
-    on_demand = torch_device.type == "cpu"  # parts converted when used (ldm.residency); elsewhere all at once
+    on_demand = torch_device.type == "cpu"  # parts converted when used (ldm.inference.residency); elsewhere all at once
     try:
         model = load_model_from_config(config_obj, ckpt, device=torch_device, dtype=prec.weight_dtype, verbose=verbose,
                                        as_stored=on_demand)
     except CheckpointError:
         raise
     except (ImportError, AttributeError, KeyError, TypeError, ValueError, FileNotFoundError) as err:
-        first = str(err).splitlines()[0] if str(err) else type(err).__name__
-        raise InputError(f"cannot build the model of config {config}: {first}") from None
+        raise InputError(f"cannot build the model of config {config}: {first_line(err)}") from None
     if getattr(model, "use_ema", False):  # inference only needs the EMA weights: swap them in once
         ema = model.model_ema
         shadow = dict(ema.named_buffers())
@@ -402,8 +327,5 @@ def load_pipeline(config: str | Path, ckpt: str | Path, device: str = "auto", pr
         memory_format = preferred_memory_format(torch_device, prec.weight_dtype)
         parts = [PartWeights(part, prec.weight_dtype, memory_format)
                  for part in (model.cond_stage_model, model.model, model.first_stage_model)]
-        tune_cpu_allocator()
     checker = load_safety_checker(safety_checker, torch_device, warn=say)
-    if on_demand:
-        release_library_pages()
     return Pipeline(model, torch_device, prec, checker, Path(ckpt).resolve().stem, model_hash, parts)

@@ -1,10 +1,10 @@
 """A run of txt2img / img2img: the options the scripts collect, the batches and seeds they make, and the loop
-that generates, watermarks and saves every image and the grid (see :mod:`ldm.pipeline` for one batch)."""
+that generates, watermarks and saves every image and the grid (see :mod:`ldm.inference.pipeline` for one batch)."""
 from __future__ import annotations
 
 import dataclasses
 import math
-import os
+from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence
@@ -13,11 +13,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from ldm import distributed
-from ldm.checkpoint import SAFETENSORS_SUFFIXES, CheckpointError
-from ldm.diffusers_format import is_diffusers_folder
-from ldm.errors import InputError
-from ldm.image_io import (
+from ldm.app import distributed
+from ldm.app.image_io import (
     MAX_PROMPT_CHARS,
     SIZE_MULTIPLE,
     fit_to_multiple,
@@ -26,7 +23,7 @@ from ldm.image_io import (
     read_prompt_file,
     round_to_multiple,
 )
-from ldm.output import (
+from ldm.app.output import (
     GRID_PATTERN,
     SAMPLE_PATTERN,
     NumberedWriter,
@@ -35,7 +32,9 @@ from ldm.output import (
     format_parameters,
     make_grid,
 )
-from ldm.pipeline import (
+from ldm.backend.memory import release_library_pages, total_memory_bytes, tuned_allocator
+from ldm.errors import CheckpointError, InputError
+from ldm.inference.pipeline import (
     DEFAULT_CKPT,
     DEFAULT_CONFIG,
     SAMPLERS,
@@ -45,9 +44,10 @@ from ldm.pipeline import (
     img2img_steps,
     load_config,
     load_pipeline,
-    resolve_device,
-    resolve_precision,
 )
+from ldm.inference.precision import resolve_device, resolve_precision
+from ldm.loading.checkpoint import SAFETENSORS_SUFFIXES
+from ldm.loading.diffusers_format import is_diffusers_folder
 
 MAX_IMAGES = 100_000  # per run; numbering continues across runs, so more runs make more
 
@@ -91,7 +91,7 @@ def plan_jobs(prompts: Sequence[str], batch_size: int, n_iter: int, seed: int, f
 
 def shard_jobs(jobs: Sequence[Job], images: range) -> list[Job]:
     """The parts of ``jobs`` whose images (numbered in generation order) lie in ``images``: the same prompts and
-    seeds, so each image is the one a single process makes (see :func:`ldm.distributed.share`)."""
+    seeds, so each image is the one a single process makes (see :func:`ldm.app.distributed.share`)."""
     parts = []
     for job in jobs:
         lo, hi = max(images.start, job.first), min(images.stop, job.first + len(job.prompts))
@@ -111,18 +111,18 @@ class RunOptions:
     negative_prompt: str = ""
     config: str = DEFAULT_CONFIG
     ckpt: str = DEFAULT_CKPT
-    sampler: str = "ddim"
-    steps: int = 50
-    eta: float = 0.0
-    scale: float = 7.5
+    sampler: str = Settings.sampler  # the sampling defaults are the pipeline's
+    steps: int = Settings.steps
+    eta: float = Settings.eta
+    scale: float = Settings.scale
     strength: float = 0.75
     n_iter: int = 1
     n_samples: int = 1
     n_rows: int = 0
-    height: int = 512
-    width: int = 512
-    channels: int = 4
-    factor: int = 8
+    height: int = Settings.height
+    width: int = Settings.width
+    channels: int = Settings.channels
+    factor: int = Settings.factor
     seed: int = 42
     fixed_code: bool = False
     skip_save: bool = False
@@ -191,7 +191,7 @@ def check_checkpoint_file(path: str | Path, fix: str = "check --ckpt") -> None:
     """Refuse, naming what it is, a checkpoint path that is plainly something else: an empty file, an image,
     a web page, a Git LFS pointer, an incomplete diffusers folder, or the other of .ckpt / .safetensors under the
     wrong name. Everything else (a diffusers folder too) is judged by the loader
-    (:func:`ldm.checkpoint.read_checkpoint`)."""
+    (:func:`ldm.loading.checkpoint.read_checkpoint`)."""
     path = Path(path)
     if path.is_dir():
         if is_diffusers_folder(path):
@@ -251,28 +251,6 @@ def sampling_memory_bytes(config, height: int, width: int, element_size: int, ba
     return int(batch * latent * channels * element_size + height * width * 3 * (4 + 1))
 
 
-def total_memory_bytes(device: torch.device) -> int | None:
-    """The memory a run on ``device`` can use at most: the GPU's, or this machine's RAM (within its cgroup
-    limit); None where unknown."""
-    if device.type == "cuda":
-        return int(torch.cuda.get_device_properties(device).total_memory)
-    if device.type == "mps":
-        recommended = getattr(getattr(torch, "mps", None), "recommended_max_memory", None)
-        return int(recommended()) if recommended is not None else None
-    try:
-        total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    except (ValueError, OSError, AttributeError):
-        return None
-    for limit_file in ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory/memory.limit_in_bytes"):
-        try:
-            text = Path(limit_file).read_text().strip()
-        except OSError:
-            continue
-        if text.isdigit():
-            total = min(total, int(text))
-    return total
-
-
 def check_memory(opt: RunOptions, need: int, height: int, width: int, device: torch.device) -> None:
     """Refuse sizes and image counts that cannot fit in memory (``need``: :func:`sampling_memory_bytes`), with
     the estimate, before anything is allocated."""
@@ -296,8 +274,8 @@ def check_memory(opt: RunOptions, need: int, height: int, width: int, device: to
 
 def check_before_loading(opt: RunOptions) -> None:
     """Everything that can fail without the model fails here, before minutes of loading."""
+    from ldm.inference.safety import find_safety_checker
     from ldm.modules.encoders.modules import check_tokenizer
-    from ldm.safety import find_safety_checker
 
     validate(opt)
     init = None
@@ -359,7 +337,7 @@ def run(opt: RunOptions, say: Callable[[str], None] = _say) -> list[Path]:
 
     Samples go to ``outdir/samples/NNNNN.png``, the grid to ``outdir/grid-NNNN.png``, numbered after the
     highest existing ones. Under torchrun each process makes its share of the images (see
-    :mod:`ldm.distributed`) and rank 0 writes the grid once all are done; the files are numbered in the order
+    :mod:`ldm.app.distributed`) and rank 0 writes the grid once all are done; the files are numbered in the order
     they are finished, and each one's metadata (prompt, seed) says which image of the run it is.
     """
     with distributed.join() as group:
@@ -368,15 +346,14 @@ def run(opt: RunOptions, say: Callable[[str], None] = _say) -> list[Path]:
 
 def _run(opt: RunOptions, group: distributed.Group, say: Callable[[str], None]) -> list[Path]:
     from pytorch_lightning import seed_everything
-    from tqdm import tqdm
 
     world = group.world
     say_once = say if world.is_main else _quiet  # what every process would say alike
     opt = dataclasses.replace(opt, device=distributed.rank_device(opt.device, world))
     check_before_loading(opt)
     outdir = Path(opt.outdir)
-    sample_writer = NumberedWriter(outdir / "samples", SAMPLE_PATTERN)
-    grid_writer = NumberedWriter(outdir, GRID_PATTERN) if world.is_main else None
+    writers = (NumberedWriter(outdir / "samples", SAMPLE_PATTERN),
+               NumberedWriter(outdir, GRID_PATTERN) if world.is_main else None)
     jobs = plan_jobs(opt.prompts, opt.n_samples, opt.n_iter, opt.seed, opt.fixed_code)
     total = sum(len(job.prompts) for job in jobs)
     mine = distributed.share(total, world)
@@ -388,13 +365,27 @@ def _run(opt: RunOptions, group: distributed.Group, say: Callable[[str], None]) 
     if opt.device.startswith("cuda:"):
         torch.cuda.set_device(torch.device(opt.device))  # no stray allocations on another process's GPU
     group.check()
+    with ExitStack() as process_settings:  # what the run changes process-wide, undone when it ends
+        return _generate(opt, group, jobs, my_jobs, writers, say, say_once, process_settings)
 
+
+def _generate(opt: RunOptions, group: distributed.Group, jobs: list[Job], my_jobs: list[Job],
+              writers: tuple[NumberedWriter, NumberedWriter | None], say: Callable[[str], None],
+              say_once: Callable[[str], None], process_settings: ExitStack) -> list[Path]:
+    """Load the model, make and save this process's images, and (rank 0) the grid of everyone's."""
+    from tqdm import tqdm
+
+    world = group.world
+    sample_writer, grid_writer = writers
     saved: list[Path] = []
     grid_images: list[tuple[int, np.ndarray]] = []
     pipe = settings = watermark = posterior = None
     if my_jobs:
         pipe = load_pipeline(opt.config, opt.ckpt, opt.device, opt.precision, opt.safety_checker, say_once,
                              verbose=world.is_main)
+        if pipe.device.type == "cpu":
+            process_settings.enter_context(tuned_allocator())  # the heap keeps and reuses what sampling frees
+            release_library_pages()  # what loading touched and a CPU run does not use again
         settings, posterior = prepare(pipe, opt, say_once)
         _warn_long_prompts(pipe, opt.prompts, opt.negative_prompt, say_once)
         watermark = Watermarker() if opt.watermark else None
@@ -419,7 +410,7 @@ def _run(opt: RunOptions, group: distributed.Group, say: Callable[[str], None]) 
         grid = Image.fromarray(make_grid(ordered, opt.n_rows if opt.n_rows > 0 else opt.n_samples))
         parameters = _parameters(pipe, settings, jobs[0].prompts[0], jobs[0].seeds[0], False)
         saved.append(grid_writer.save(_finish(grid, watermark), parameters))
-    say_once(f"Your samples are ready and waiting for you here: \n{outdir} \n \nEnjoy.")
+    say_once(f"Your samples are ready and waiting for you here: \n{Path(opt.outdir)} \n \nEnjoy.")
     return saved
 
 

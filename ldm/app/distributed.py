@@ -27,13 +27,12 @@ from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any, Iterator, Mapping
 
-from ldm.errors import DeviceError, InputError, LdmError
+from ldm.errors import INTERRUPTS, DeviceError, InputError, LdmError, first_line
 
 TIMEOUT = timedelta(minutes=30)  # joining the group, a store request, the least wait for a hung peer
 POLL_SECONDS = 0.2  # how often a process that is done looks at the others
 HEARTBEAT_SECONDS = 5.0
 LOST_SECONDS = 90.0  # a peer whose heartbeat stops this long is lost (a long enough pause of the GIL is not)
-_INTERRUPTS = ("KeyboardInterrupt", "Terminated")  # Ctrl-C, and ldm.cli's SIGTERM/SIGHUP
 
 
 class DistributedError(LdmError):
@@ -152,7 +151,7 @@ class Group:
         """Tell the other processes (best effort) that this one stops because of ``err``."""
         if self._store is None or isinstance(err, DistributedError):
             return  # a peer's failure: the peer recorded it
-        interrupted = type(err).__name__ in _INTERRUPTS
+        interrupted = isinstance(err, INTERRUPTS)
         try:
             if interrupted:
                 self._store.set(f"stopped/{self.rank}", b"1")
@@ -231,7 +230,7 @@ class Group:
             dist.gather_object(items, gathered, dst=0)
         except RuntimeError as err:
             self.check()
-            raise DistributedError(f"gathering the grid images failed ({_first_line(err)}); see the errors of the "
+            raise DistributedError(f"gathering the grid images failed ({first_line(err)}); see the errors of the "
                                    f"other processes") from None
         return None if gathered is None else [item for part in gathered for item in part]
 
@@ -241,19 +240,14 @@ def _names(ranks: list[int]) -> str:
 
 
 def _lost_contact(err: BaseException) -> DistributedError:
-    return DistributedError(f"lost contact with the other processes of the run ({_first_line(err)}): torchrun on "
+    return DistributedError(f"lost contact with the other processes of the run ({first_line(err)}): torchrun on "
                             f"the machine of rank 0, which keeps their store, has stopped; see the errors there")
 
 
 def error_line(err: BaseException) -> str:
-    """The one line a script prints for ``err`` (as :func:`ldm.cli.main` does)."""
-    line = _first_line(err)
+    """The one line a script prints for ``err`` (as :func:`ldm.app.cli.main` does)."""
+    line = first_line(err)
     return line if isinstance(err, LdmError) else f"{type(err).__name__}: {line}"
-
-
-def _first_line(err: BaseException) -> str:
-    lines = str(err).strip().splitlines()
-    return lines[0] if lines else type(err).__name__
 
 
 def _write_error_file(line: str, environ: Mapping[str, str]) -> None:
@@ -289,7 +283,7 @@ def _connect(world: World, environ: Mapping[str, str], timeout: timedelta) -> Gr
                                 world_size=world.size, timeout=timeout)
     except (RuntimeError, ValueError, OSError) as err:
         raise DistributedError(f"cannot join the other {world.size - 1} process(es) at "
-                               f"{environ['MASTER_ADDR']}:{environ['MASTER_PORT']} ({_first_line(err)}); "
+                               f"{environ['MASTER_ADDR']}:{environ['MASTER_PORT']} ({first_line(err)}); "
                                f"check torchrun's --rdzv_endpoint / --master_addr") from None
     # keys of this attempt only: torchrun --max-restarts keeps the store across restarts
     attempt = environ.get("TORCHELASTIC_RESTART_COUNT", "0")
@@ -315,7 +309,7 @@ def join(environ: Mapping[str, str] = os.environ, timeout: timedelta = TIMEOUT) 
     try:
         yield group
     except BaseException as err:
-        if type(err).__name__ in _INTERRUPTS:
+        if isinstance(err, INTERRUPTS):
             if threading.current_thread() is threading.main_thread():
                 signal.signal(signal.SIGINT, signal.SIG_IGN)  # torchrun forwards the Ctrl-C we already had
             try:
