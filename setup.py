@@ -19,6 +19,9 @@ setup(
         "pillow",
         "tqdm",
         "safetensors>=0.4",
+        "openvino>=2025.0; python_version < '3.15' and ((sys_platform == 'linux' and (platform_machine == 'x86_64' "
+        "or platform_machine == 'aarch64')) or (sys_platform == 'win32' and platform_machine == 'AMD64') "
+        "or (sys_platform == 'darwin' and platform_machine == 'arm64'))",
     ],
     extras_require={
         "test": ["pytest", "hypothesis", "ruff", "diffusers"],

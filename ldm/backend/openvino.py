@@ -1,0 +1,428 @@
+"""OpenVINO as an inference engine for the CPU: PyTorch modules converted, compiled per input shape, cached on disk.
+
+    part = OpenVINOPart("unet", call, weights=unet, axes=[{0: ("batch", 1), 2: ("height", 8), 3: ("width", 8)},
+                        {0: ("batch", 1)}, {0: ("batch", 1)}], cache_dir=default_cache_dir(), code=digest)
+    (eps,) = part(x, t, context, precision="fp32")     # torch tensors in, float32 torch tensors out
+
+This module knows modules and tensors, not the model: :mod:`ldm.inference.openvino` builds the diffusion model's
+four networks from it.
+
+Conversion. A module is exported with ``torch.export`` (the ``axes`` symbolic: any batch and image size) and
+converted by ``openvino.convert_model``. ``torch.export`` traces with ``torch.compiler.is_compiling()`` true,
+where the CPU fast paths of :mod:`ldm.modules.ops` (oneDNN's fused and prepacked ops, Winograd) give way to torch's
+public ops; a graph that still holds an op outside ``aten`` and ``prims`` is refused
+(:class:`OpenVINOConversionError`). Weights are traced in float32 whatever their stored dtype.
+
+Compilation. Each input shape is compiled on its own (static shapes: OpenVINO plans memory and picks kernels for
+it), in float32 (``INFERENCE_PRECISION_HINT`` f32, also where OpenVINO would pick bf16 by itself) or in bfloat16
+where :func:`cpu_computes_bf16`.
+
+Cache (``~/.cache/ldm/openvino`` or ``cache_dir``). One entry per network and weights:
+``<name>-<key>/model.xml|.bin`` (the converted model, float32 weights) and ``compiled/`` (OpenVINO's own model cache
+in its weightless mode: a few MB per shape and precision, keyed by OpenVINO with the shape, precision and CPU). The
+key covers the checkpoint hash given by the caller, a sample of the module's weights, its structure, the digest of
+its source code and the torch, transformers and OpenVINO versions. An entry is written in a temporary folder and
+renamed into place; one that fails its checks (sizes, checksums, OpenVINO's reader) is discarded and rebuilt.
+"""
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import ctypes.util
+import functools
+import hashlib
+import importlib.util
+import itertools
+import json
+import os
+import shutil
+import tempfile
+import time
+from collections import OrderedDict
+from pathlib import Path
+from typing import Any, Callable, Iterator, Sequence
+
+import torch
+from torch import nn
+
+from ldm.errors import LdmError, first_line
+
+FORMAT = 1  # of a cache entry; bump when what is exported or how it is stored changes
+PRECISIONS = {"fp32": "f32", "bf16": "bf16"}  # ours -> OpenVINO's INFERENCE_PRECISION_HINT
+_MADV_PAGEOUT = 21  # Linux
+_STALE_TEMP_SECONDS = 24 * 3600  # temporary folders of crashed conversions older than this are removed
+
+
+class OpenVINOConversionError(LdmError, RuntimeError):
+    """A network could not be converted to OpenVINO (the message says which one, and why)."""
+
+
+# ---------------------------------------------------------------------------------------------- availability
+def available() -> bool:
+    """Whether the ``openvino`` package is installed (nothing is imported)."""
+    return importlib.util.find_spec("openvino") is not None
+
+
+@functools.cache
+def core():
+    """The process's ``openvino.Core`` (created at the first call)."""
+    import openvino
+
+    return openvino.Core()
+
+
+def openvino_version() -> str:
+    import openvino
+
+    return openvino.get_version()
+
+
+def cpu_computes_bf16() -> bool:
+    """Whether OpenVINO's CPU plugin computes bfloat16 on this CPU (AVX512-BF16 or AMX: ``BF16`` among the
+    device's ``OPTIMIZATION_CAPABILITIES``)."""
+    return "BF16" in core().get_property("CPU", "OPTIMIZATION_CAPABILITIES")
+
+
+def inference_precision_hint(precision: str) -> str:
+    """OpenVINO's ``INFERENCE_PRECISION_HINT`` for ``precision`` (``fp32`` or ``bf16``); bf16 only where the CPU
+    computes it (elsewhere OpenVINO would quietly run float32)."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"OpenVINO precision '{precision}' unknown; use one of {', '.join(PRECISIONS)}")
+    if precision == "bf16" and not cpu_computes_bf16():
+        raise ValueError("this CPU has no bfloat16 arithmetic OpenVINO uses (AVX512-BF16 or AMX); use fp32")
+    return PRECISIONS[precision]
+
+
+def default_cache_dir() -> Path:
+    """``$XDG_CACHE_HOME/ldm/openvino``, else ``~/.cache/ldm/openvino``."""
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "ldm" / "openvino"
+
+
+# ---------------------------------------------------------------------------------------------- cache keys
+def weights_fingerprint(module: nn.Module, samples: int = 16) -> str:
+    """sha256 over the names, shapes and dtypes of ``module``'s state and ``samples`` evenly spaced values of each
+    tensor: tells checkpoints (and EMA from plain weights) apart while reading a few pages per tensor."""
+    digest = hashlib.sha256()
+    for name, t in module.state_dict().items():
+        t = t.detach()
+        digest.update(f"{name}:{tuple(t.shape)}:{t.dtype};".encode())
+        if t.numel():
+            index = torch.linspace(0, t.numel() - 1, min(samples, t.numel())).long()
+            values = t[torch.unravel_index(index, t.shape)] if t.dim() else t.reshape(1)
+            digest.update(values.to(torch.float64 if t.is_floating_point() else torch.int64).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def structure_digest(module: nn.Module) -> str:
+    """sha256 of the module tree's repr (layer types and their settings)."""
+    return hashlib.sha256(repr(module).encode()).hexdigest()
+
+
+@functools.cache
+def source_digest(root: Path, entries: tuple[str, ...]) -> str:
+    """sha256 of the ``*.py`` files at ``entries`` (files or folders, relative to ``root``) and of this module."""
+    digest = hashlib.sha256(Path(__file__).read_bytes())
+    for entry in entries:
+        path = root / entry
+        files = sorted(path.rglob("*.py")) if path.is_dir() else [path] if path.is_file() else []
+        for file in files:
+            digest.update(str(file.relative_to(root)).encode() + b"\0" + file.read_bytes() + b"\0")
+    return digest.hexdigest()
+
+
+def _library_versions() -> dict[str, str]:
+    versions = {"torch": torch.__version__, "openvino": openvino_version()}
+    with contextlib.suppress(ImportError):
+        import transformers
+
+        versions["transformers"] = transformers.__version__
+    return versions
+
+
+# ---------------------------------------------------------------------------------------------- conversion
+@contextlib.contextmanager
+def float32_weights(module: nn.Module) -> Iterator[None]:
+    """``module``'s floating parameters and buffers as float32 for the duration (stored tensors restored after)."""
+    changed = []
+    for t in itertools.chain(module.parameters(), module.buffers()):
+        if t.is_floating_point() and t.dtype != torch.float32:
+            changed.append((t, t.data))
+            t.data = t.data.float()
+    try:
+        yield
+    finally:
+        for t, stored in changed:
+            t.data = stored
+
+
+def check_plain_ops(exported: Any, name: str) -> None:
+    """Refuse an exported graph with an op outside ``aten`` and ``prims`` (a private CPU fast path that was
+    traced; OpenVINO would fail on it or compute something else)."""
+    for node in exported.graph.nodes:
+        target = node.target
+        if node.op == "call_function" and isinstance(target, torch._ops.OpOverload) and \
+                target.namespace not in ("aten", "prims"):
+            raise OpenVINOConversionError(
+                f"the {name} graph holds {target.namespace}::{target._opname}, a private op of a CPU fast path; "
+                f"tracing must take torch's public ops (torch.compiler.is_compiling() is true under torch.export)")
+
+
+def export_to_openvino(module: nn.Module, example: Sequence[torch.Tensor], dynamic_shapes: Sequence[Any],
+                       name: str):
+    """``module`` (called on tensors like ``example``) -> an ``openvino.Model``, via ``torch.export`` with the
+    given symbolic dimensions. Weights are traced in float32; the graph must hold only public ops."""
+    import openvino
+
+    try:
+        with torch.no_grad(), float32_weights(module):
+            exported = torch.export.export(module, tuple(example), dynamic_shapes=tuple(dynamic_shapes),
+                                           strict=False)
+            check_plain_ops(exported, name)
+            return openvino.convert_model(exported)
+    except OpenVINOConversionError:
+        raise
+    except Exception as err:  # torch.export and OpenVINO raise many kinds
+        raise OpenVINOConversionError(f"cannot convert the {name} to OpenVINO: {first_line(err)}") from err
+
+
+def _symbolic_dims(shapes: Sequence[Sequence[int]], axes: Sequence[dict[int, tuple[str, int]]]):
+    """Example shapes and ``torch.export`` dynamic shapes for inputs whose ``axes`` map an axis to (symbol,
+    multiple): each symbolic axis gets the example size 2 x multiple (sizes 0 and 1 would be specialised)."""
+    from torch.export import Dim
+
+    symbols: dict[str, Any] = {}
+    examples, dynamic = [], []
+    for shape, input_axes in zip(shapes, axes):
+        shape = list(shape)
+        spec = {}
+        for axis, (symbol, multiple) in input_axes.items():
+            dim = symbols.setdefault(symbol, Dim(symbol, min=1))
+            spec[axis] = dim if multiple == 1 else multiple * dim
+            shape[axis] = 2 * multiple
+        examples.append(shape)
+        dynamic.append(spec or None)
+    return examples, dynamic
+
+
+# ---------------------------------------------------------------------------------------------- cache entries
+def _sample_digest(path: Path, chunks: int = 64, size: int = 4096) -> str:
+    """sha256 of ``chunks`` evenly spaced blocks of a file and its size (a large file is not read whole)."""
+    total = path.stat().st_size
+    digest = hashlib.sha256(str(total).encode())
+    with open(path, "rb") as f:
+        for i in range(chunks):
+            f.seek(max(0, total - size) * i // max(1, chunks - 1))
+            digest.update(f.read(size))
+    return digest.hexdigest()
+
+
+def _file_record(path: Path) -> dict:
+    """Size and checksum of a cache file: sha256 of the whole file up to 64 MB (the XML), of samples above."""
+    size = path.stat().st_size
+    if size <= 64 << 20:
+        return {"size": size, "sha256": hashlib.sha256(path.read_bytes()).hexdigest()}
+    return {"size": size, "sample_sha256": _sample_digest(path)}
+
+
+def _check_entry(entry: Path, key: str) -> None:
+    """Raise ValueError unless ``entry`` is a complete entry for ``key`` (meta.json and the files it lists)."""
+    meta = json.loads((entry / "meta.json").read_text())
+    if meta.get("key") != key or meta.get("format") != FORMAT:
+        raise ValueError("its key does not match")
+    for name, record in meta["files"].items():
+        if _file_record(entry / name) != record:
+            raise ValueError(f"{name} differs from when it was written")
+
+
+def _discard(path: Path) -> None:
+    """Remove a folder: first renamed aside (at once, so no reader takes it for an entry), then deleted."""
+    trash = path.with_name(f".trash-{path.name}-{os.getpid()}-{time.monotonic_ns()}")
+    with contextlib.suppress(OSError):
+        path.rename(trash)
+        path = trash
+    shutil.rmtree(path, ignore_errors=True)
+
+
+def _remove_stale_temporaries(root: Path) -> None:
+    now = time.time()
+    for path in itertools.chain(root.glob(".tmp-*"), root.glob(".trash-*")):
+        with contextlib.suppress(OSError):
+            if now - path.stat().st_mtime > _STALE_TEMP_SECONDS:
+                shutil.rmtree(path, ignore_errors=True)
+
+
+@functools.cache
+def _libc():
+    try:
+        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+    except OSError:
+        return None
+
+
+def release_mapped_file(path: Path) -> int:
+    """Hand this process's resident pages of a memory-mapped file back to the page cache (Linux 5.4+
+    ``MADV_PAGEOUT``; 0 elsewhere); returns how many mappings were advised. OpenVINO maps the converted weights
+    shared and read-only and, once compiled, computes from its own packed copies: the mapped ones need not count
+    in the process's memory (a page read again faults back in, unchanged). Belongs with
+    :mod:`ldm.backend.memory` (whose :class:`~ldm.backend.memory.FilePages` handles private mappings only)."""
+    madvise = getattr(_libc(), "madvise", None)
+    if madvise is None or not os.path.exists("/proc/self/maps"):
+        return 0
+    madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+    target, advised = os.path.realpath(path), 0
+    with open("/proc/self/maps") as maps:
+        for line in maps:
+            fields = line.split(maxsplit=5)
+            if len(fields) == 6 and fields[5].rstrip("\n") == target:
+                start, end = (int(a, 16) for a in fields[0].split("-"))
+                advised += madvise(start, end - start, _MADV_PAGEOUT) == 0
+    return advised
+
+
+# ---------------------------------------------------------------------------------------------- one network
+class OpenVINOPart:
+    """One network through OpenVINO: converted once (or read from the cache), compiled per input shape.
+
+    ``call``: the module to convert, called on tensors; ``weights``: the module whose weights key the cache (and
+    that ``release_weights`` gets once OpenVINO holds the network); ``axes``: per input, its symbolic axes as
+    {axis: (symbol, multiple)} (a symbol may appear in several inputs; sizes must be multiples); ``cache_dir``:
+    where entries live (None: converted in memory); ``model_hash``: returns the checkpoint's hash for the key;
+    ``code``: a digest of the source ``call`` computes with (see :func:`source_digest`); ``keep``: compiled shapes
+    kept at once (each holds its own packed weights); ``say``: one-line notices. Calls take CPU torch tensors and
+    return float32 torch tensors.
+    """
+
+    def __init__(self, name: str, call: nn.Module, weights: nn.Module, axes: Sequence[dict[int, tuple[str, int]]],
+                 cache_dir: Path | None = None, model_hash: Callable[[], str | None] = lambda: None, code: str = "",
+                 keep: int = 1, say: Callable[[str], None] = lambda message: None,
+                 release_weights: Callable[[nn.Module], Any] | None = None):
+        self.name, self.call, self.weights, self.axes = name, call, weights, list(axes)
+        self.cache_dir, self.model_hash, self.code, self.keep, self.say = cache_dir, model_hash, code, keep, say
+        self.release_weights = release_weights
+        self.entry: Path | None = None  # the cache entry in use (None: converted in memory only)
+        self.conversions = 0  # how many times this object converted the network (the cache tests read it)
+        self._model = None  # the converted openvino.Model, when there is no cache to compile from
+        self._compiled: OrderedDict[tuple, Any] = OrderedDict()
+
+    # -------------------------------------------------------------- key and entry
+    def describe(self, input_types: Sequence[str]) -> dict:
+        """What the cache key is made of (written to the entry's meta.json)."""
+        return {"format": FORMAT, "part": self.name, "checkpoint": self.model_hash(),
+                "weights": weights_fingerprint(self.weights), "structure": structure_digest(self.call),
+                "code": self.code, "inputs": list(input_types), "axes": [
+                    {str(k): list(v) for k, v in a.items()} for a in self.axes], **_library_versions()}
+
+    def _static_shapes(self, inputs: Sequence[torch.Tensor]) -> list[tuple[int, ...]]:
+        """The input shapes with the symbolic axes blanked (-1): what one converted model serves."""
+        return [tuple(-1 if axis in a else n for axis, n in enumerate(t.shape)) for t, a in zip(inputs, self.axes)]
+
+    def key(self, inputs: Sequence[torch.Tensor]) -> tuple[str, dict]:
+        types = [f"{t.dtype}{list(s)}" for t, s in zip(inputs, self._static_shapes(inputs))]
+        description = self.describe(types)
+        return hashlib.sha256(json.dumps(description, sort_keys=True).encode()).hexdigest(), description
+
+    def _convert(self, inputs: Sequence[torch.Tensor]):
+        shapes, dynamic = _symbolic_dims([t.shape for t in inputs], self.axes)
+        example = [torch.zeros(s, dtype=t.dtype) for s, t in zip(shapes, inputs)]
+        self.say(f"converting the {self.name} to OpenVINO (once per checkpoint)")
+        model = export_to_openvino(self.call, example, dynamic, self.name)
+        self.conversions += 1
+        return model
+
+    def _entry(self, inputs: Sequence[torch.Tensor]) -> Path | None:
+        """The cache entry for this network (built when missing or damaged); None where the cache cannot be
+        written (the network is then converted in memory)."""
+        import openvino
+
+        key, description = self.key(inputs)
+        root = Path(self.cache_dir)
+        entry = root / f"{self.name}-{key[:24]}"
+        if entry.exists():
+            try:
+                _check_entry(entry, key)
+                return entry
+            except (OSError, ValueError, KeyError, TypeError) as err:
+                self.say(f"notice: the OpenVINO cache entry {entry} is damaged ({err}); converting again")
+                _discard(entry)
+        try:
+            root.mkdir(parents=True, exist_ok=True)
+            _remove_stale_temporaries(root)
+            temp = Path(tempfile.mkdtemp(prefix=f".tmp-{self.name}-", dir=root))
+        except OSError as err:
+            self.say(f"notice: cannot write the OpenVINO cache in {root} ({err}); converting without a cache")
+            return None
+        try:
+            model = self._convert(inputs)
+            openvino.save_model(model, temp / "model.xml", compress_to_fp16=False)
+            del model
+            files = {name: _file_record(temp / name) for name in ("model.xml", "model.bin")}
+            meta = {"key": key, "format": FORMAT, "files": files, "describe": description}
+            (temp / "meta.json").write_text(json.dumps(meta, indent=1))
+            try:
+                temp.rename(entry)
+            except OSError:
+                if not entry.exists():
+                    raise
+                _discard(temp)  # another process wrote the same entry meanwhile
+                _check_entry(entry, key)
+        except OSError as err:
+            _discard(temp)
+            self.say(f"notice: cannot write the OpenVINO cache in {root} ({err}); converting without a cache")
+            return None
+        except BaseException:
+            _discard(temp)
+            raise
+        return entry
+
+    # -------------------------------------------------------------- compile and run
+    def _compile(self, inputs: Sequence[torch.Tensor], hint: str):
+        if self.entry is None and self._model is None:
+            self.entry = self._entry(inputs) if self.cache_dir is not None else None
+            if self.entry is None:
+                self._model = self._convert(inputs)
+            if self.release_weights is not None:
+                self.release_weights(self.weights)
+        config = {"INFERENCE_PRECISION_HINT": hint, "PERFORMANCE_HINT": "LATENCY"}
+        if self.entry is None:
+            model = self._model.clone()
+        else:
+            try:
+                model = core().read_model(self.entry / "model.xml")
+            except RuntimeError as err:
+                self.say(f"notice: OpenVINO cannot read {self.entry} ({str(err).strip()[:200]}); converting again")
+                _discard(self.entry)
+                self.entry = None
+                return self._compile(inputs, hint)
+            config.update({"CACHE_DIR": str(self.entry / "compiled"), "CACHE_MODE": "OPTIMIZE_SIZE"})
+        model.reshape({i: list(t.shape) for i, t in enumerate(inputs)})
+        try:
+            compiled = core().compile_model(model, "CPU", config)
+        except RuntimeError:
+            if "CACHE_DIR" not in config:
+                raise
+            shutil.rmtree(config["CACHE_DIR"], ignore_errors=True)  # a damaged compiled blob: compile afresh
+            compiled = core().compile_model(model, "CPU", config)
+        if self.entry is not None:
+            release_mapped_file(self.entry / "model.bin")
+        return compiled
+
+    def __call__(self, *inputs: torch.Tensor, precision: str = "fp32") -> list[torch.Tensor]:
+        """Run the network on ``inputs`` (CPU tensors) -> its outputs as float32 torch tensors."""
+        hint = inference_precision_hint(precision)
+        arrays = [t.detach().cpu().contiguous().numpy() for t in inputs]
+        signature = (hint, *((a.shape, a.dtype.str) for a in arrays))
+        if signature in self._compiled:
+            self._compiled.move_to_end(signature)
+        else:
+            while len(self._compiled) >= self.keep:
+                self._compiled.popitem(last=False)  # its packed weights go with it
+            compiled = self._compile(inputs, hint)
+            self._compiled[signature] = (compiled, compiled.create_infer_request())
+        _, request = self._compiled[signature]
+        results = request.infer(arrays, share_inputs=True, share_outputs=False)
+        return [torch.from_numpy(array) for array in results.to_tuple()]
+
+    def release(self) -> None:
+        """Drop the compiled models (their memory); the next call compiles again (from the cache)."""
+        self._compiled.clear()

@@ -1,0 +1,351 @@
+"""The OpenVINO backend (ldm/backend/openvino.py, ldm/inference/openvino.py): the original's outputs through
+OpenVINO, and its cache.
+
+The tiny model's four networks are converted once per module into a temporary cache (a few minutes on a 2-core
+CPU); the full-size model's are ``slow``. Everything here is skipped where ``openvino`` is not installed.
+"""
+from __future__ import annotations
+
+import copy
+import json
+import shutil
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from ldm.backend import openvino as ov_backend
+from ldm.backend.openvino import OpenVINOConversionError
+from ldm.inference.openvino import OpenVINOModel, UNetCall
+from ldm.inference.pipeline import Pipeline, Settings
+from ldm.inference.precision import Precision
+from ldm.inference.tiling import tiled_decode, tiled_encode
+from ldm.models.diffusion.ddim import DDIMSampler
+from ldm.models.diffusion.dpm_solver import DPMSolverSampler
+from ldm.models.diffusion.plms import PLMSSampler
+from tests.conftest import FIXTURES, PROMPTS, assert_matches_reference
+
+pytestmark = pytest.mark.skipif(not ov_backend.available(),
+                                reason="openvino is not installed (pip install openvino: wheels for Linux x86-64 "
+                                       "and ARM64, Windows x86-64 and macOS arm64)")
+SAMPLING = dict(S=10, batch_size=2, shape=[4, 8, 8], verbose=False, unconditional_guidance_scale=7.5, eta=0.0)
+FULL = Precision("full", torch.float32, None)
+
+
+@pytest.fixture(scope="module")
+def ov_cache(tmp_path_factory):
+    return tmp_path_factory.mktemp("openvino-cache")
+
+
+@pytest.fixture(scope="module")
+def ov_tiny(tiny_model, ov_cache):
+    """The tiny model through OpenVINO in float32, cached in ``ov_cache``; ``ov_tiny.notices`` holds what it said."""
+    notices: list[str] = []
+    model = OpenVINOModel(tiny_model, model_hash="tiny-reference", cache_dir=ov_cache, say=notices.append)
+    model.notices = notices
+    return model
+
+
+def run_every_part(model, io) -> list[torch.Tensor]:
+    """One call of each network: text encoder, UNet, encoder (moments), decoder."""
+    return [model.get_learned_conditioning(PROMPTS), model.apply_model(io["unet_x"], io["unet_t"], io["cond"]),
+            model.encode_first_stage(io["img"]).parameters, model.decode_first_stage(io["z_scaled"])]
+
+
+def entry_of(cache, part: str):
+    (entry,) = cache.glob(f"{part}-*")
+    return entry
+
+
+# ---------------------------------------------------------------------------------------------- golden outputs
+def test_text_encoder_matches_the_original(ov_tiny, tiny_io):
+    assert_matches_reference(ov_tiny.get_learned_conditioning(PROMPTS), tiny_io["cond"], "cond")
+    assert_matches_reference(ov_tiny.get_learned_conditioning(["", ""]), tiny_io["uncond"], "uncond")
+
+
+def test_unet_matches_the_original(ov_tiny, tiny_io):
+    x, t, cond = tiny_io["unet_x"], tiny_io["unet_t"], tiny_io["cond"]
+    for c in (cond, [cond], {"c_crossattn": [cond]}):  # the conditioning forms apply_model takes
+        assert_matches_reference(ov_tiny.apply_model(x, t, c), tiny_io["unet_eps"], "unet_eps")
+
+
+def test_autoencoder_matches_the_original(ov_tiny, tiny_io):
+    posterior = ov_tiny.encode_first_stage(tiny_io["img"])
+    assert_matches_reference(posterior.mean, tiny_io["post_mean"], "post_mean")
+    assert_matches_reference(posterior.logvar, tiny_io["post_logvar"], "post_logvar")
+    assert_matches_reference(ov_tiny.get_first_stage_encoding(posterior.mode()), tiny_io["z_scaled"], "z_scaled")
+    assert_matches_reference(ov_tiny.decode_first_stage(tiny_io["z_scaled"]), tiny_io["decoded"], "decoded")
+
+
+@pytest.mark.parametrize("sampler, key", [(DDIMSampler, "ddim_s10_eta0"), (PLMSSampler, "plms_s10")])
+def test_samplers_match_the_original(ov_tiny, tiny_io, sampler, key):
+    samples, _ = sampler(ov_tiny).sample(conditioning=tiny_io["cond"], unconditional_conditioning=tiny_io["uncond"],
+                                         x_T=tiny_io["x_T"], **SAMPLING)
+    assert samples.dtype == torch.float32
+    assert_matches_reference(samples, tiny_io[key], key)
+
+
+def test_img2img_matches_the_original(ov_tiny, tiny_io):
+    sampler = DDIMSampler(ov_tiny)
+    sampler.make_schedule(ddim_num_steps=10, ddim_eta=0.0, verbose=False)
+    z_enc = sampler.stochastic_encode(tiny_io["z_scaled"], torch.tensor([7, 7]), noise=tiny_io["img2img_noise"])
+    assert_matches_reference(z_enc, tiny_io["img2img_z_enc"], "img2img_z_enc")
+    out = sampler.decode(z_enc, tiny_io["cond"], 7, unconditional_guidance_scale=7.5,
+                         unconditional_conditioning=tiny_io["uncond"], verbose=False)
+    assert_matches_reference(out, tiny_io["img2img_s10_strength075"], "img2img")
+
+
+def test_dpm_solver_matches_torch(ov_tiny, tiny_model, tiny_io):
+    """DPM-Solver++ passes fractional timesteps: they reach the OpenVINO UNet as the torch one computes them."""
+    kwargs = dict(conditioning=tiny_io["cond"], unconditional_conditioning=tiny_io["uncond"], x_T=tiny_io["x_T"],
+                  **SAMPLING)
+    with torch.no_grad():
+        ours, _ = DPMSolverSampler(ov_tiny).sample(**kwargs)
+        reference, _ = DPMSolverSampler(tiny_model).sample(**kwargs)
+    assert_matches_reference(ours, reference, "dpm_solver")
+
+
+def test_tiled_decode_and_encode_match_torch(ov_tiny, tiny_model):
+    z = torch.randn(1, 4, 16, 16, generator=torch.Generator().manual_seed(0))
+    image = torch.rand(1, 3, 128, 128, generator=torch.Generator().manual_seed(1)) * 2 - 1
+    with torch.no_grad():
+        assert_matches_reference(tiled_decode(ov_tiny, z, tile=8, overlap=4),
+                                 tiled_decode(tiny_model, z, tile=8, overlap=4), "tiled decode")
+        ours = tiled_encode(ov_tiny, image, tile=64, overlap=32).parameters
+        reference = tiled_encode(tiny_model, image, tile=64, overlap=32).parameters
+    assert_matches_reference(ours, reference, "tiled encode")
+
+
+def test_pipeline_runs_on_the_openvino_model(ov_tiny, tiny_model, tiny_io, monkeypatch):
+    """``Pipeline(OpenVINOModel(...), ...)`` as it stands: golden latents, and images within 2 of 255 levels of
+    the torch backend's."""
+    pipe = Pipeline(ov_tiny, torch.device("cpu"), FULL)
+    monkeypatch.setattr(pipe, "noise", lambda seeds, shape, draws=1: [tiny_io["x_T"]])
+    with torch.no_grad():
+        latents = pipe.txt2img_latents(PROMPTS, [0, 1], Settings(steps=10, height=64, width=64))
+    assert_matches_reference(latents, tiny_io["ddim_s10_eta0"], "ddim_s10_eta0")
+    assert pipe.size_multiple == Pipeline(tiny_model, torch.device("cpu"), FULL).size_multiple
+    settings = Settings(steps=5, height=64, width=64)
+    images, _ = Pipeline(ov_tiny, torch.device("cpu"), FULL).generate(["a red circle"], [3], settings)
+    reference, _ = Pipeline(tiny_model, torch.device("cpu"), FULL).generate(["a red circle"], [3], settings)
+    assert np.abs(images.astype(int) - reference.astype(int)).max() <= 2
+
+
+# ---------------------------------------------------------------------------------------------- cache
+def test_a_second_model_loads_from_the_cache(ov_tiny, tiny_model, tiny_io, ov_cache):
+    first = run_every_part(ov_tiny, tiny_io)
+    again = OpenVINOModel(tiny_model, model_hash="tiny-reference", cache_dir=ov_cache)
+    for ours, reference in zip(run_every_part(again, tiny_io), first):
+        torch.testing.assert_close(ours, reference, rtol=0, atol=0)
+    assert [part.conversions for part in again.parts] == [0, 0, 0, 0]
+    assert {e.name.split("-")[0] for e in ov_cache.iterdir()} == {"text_encoder", "unet", "decoder", "encoder"}
+
+
+def test_a_new_shape_is_compiled_not_converted(ov_tiny, tiny_model, tiny_io, ov_cache):
+    run_every_part(ov_tiny, tiny_io)
+    blobs = len(list((entry_of(ov_cache, "unet") / "compiled").iterdir()))
+    conversions = ov_tiny.unet.conversions
+    x, t, c = torch.randn(1, 4, 16, 24), torch.tensor([321]), tiny_io["cond"][:1]
+    with torch.no_grad():
+        assert_matches_reference(ov_tiny.apply_model(x, t, c), tiny_model.apply_model(x, t, c), "eps 16x24")
+    assert ov_tiny.unet.conversions == conversions
+    assert len(list((entry_of(ov_cache, "unet") / "compiled").iterdir())) == blobs + 1
+
+
+def test_the_cache_key_follows_checkpoint_weights_code_and_versions(ov_tiny, tiny_model, tiny_io, monkeypatch):
+    inputs = (tiny_io["unet_x"], tiny_io["unet_t"].float(), tiny_io["cond"])
+    key, description = ov_tiny.unet.key(inputs)
+    assert description["part"] == "unet" and description["checkpoint"] == "tiny-reference"
+    # one converted model serves every batch and latent size (each is compiled on its own)
+    assert ov_tiny.unet.key((inputs[0][:1, :, :4], inputs[1][:1], inputs[2][:1]))[0] == key
+    other_hash = OpenVINOModel(tiny_model, model_hash="another-checkpoint", cache_dir=None)
+    assert other_hash.unet.key(inputs)[0] != key
+    changed = copy.deepcopy(tiny_model)
+    with torch.no_grad():
+        changed.model.diffusion_model.out[2].weight.add_(1e-3)
+    changed_model = OpenVINOModel(changed, model_hash="tiny-reference", cache_dir=None)
+    assert changed_model.unet.key(inputs)[0] != key
+    assert changed_model.decoder.key([tiny_io["z_scaled"]])[0] == ov_tiny.decoder.key([tiny_io["z_scaled"]])[0]
+    monkeypatch.setattr(ov_backend, "openvino_version", lambda: "0.0.0-other")
+    assert ov_tiny.unet.key(inputs)[0] != key
+    monkeypatch.undo()
+    monkeypatch.setattr(ov_tiny.unet, "code", "the digest of edited model code")
+    assert ov_tiny.unet.key(inputs)[0] != key
+
+
+def test_damaged_entries_are_rebuilt(ov_tiny, tiny_model, tiny_io, ov_cache, tmp_path):
+    first = run_every_part(ov_tiny, tiny_io)
+    cache = tmp_path / "cache"
+    shutil.copytree(ov_cache, cache)
+    bin_file = entry_of(cache, "decoder") / "model.bin"
+    with open(bin_file, "r+b") as f:  # cut short
+        f.truncate(bin_file.stat().st_size // 2)
+    (entry_of(cache, "text_encoder") / "meta.json").write_text("{not json")
+    for blob in (entry_of(cache, "unet") / "compiled").iterdir():  # OpenVINO's compiled blobs: garbage
+        blob.chmod(0o644)
+        blob.write_bytes(b"garbage")
+    notices: list[str] = []
+    again = OpenVINOModel(tiny_model, model_hash="tiny-reference", cache_dir=cache, say=notices.append)
+    for ours, reference in zip(run_every_part(again, tiny_io), first):
+        torch.testing.assert_close(ours, reference, rtol=0, atol=0)
+    assert {p.name: p.conversions for p in again.parts} == {"text_encoder": 1, "unet": 0, "decoder": 1, "encoder": 0}
+    assert sum("damaged" in n for n in notices) == 2
+    for part in ("decoder", "text_encoder"):  # rewritten whole
+        entry = entry_of(cache, part)
+        ov_backend._check_entry(entry, json.loads((entry / "meta.json").read_text())["key"])
+    assert not list(cache.glob(".tmp-*")) and not list(cache.glob(".trash-*"))
+
+
+def test_an_entry_check_sees_a_changed_byte(tmp_path):
+    entry = tmp_path / "unet-x"
+    entry.mkdir()
+    (entry / "model.xml").write_bytes(b"<net>" + bytes(range(256)) * 100 + b"</net>")
+    (entry / "model.bin").write_bytes(bytes(1000))
+    files = {name: ov_backend._file_record(entry / name) for name in ("model.xml", "model.bin")}
+    (entry / "meta.json").write_text(json.dumps({"key": "k", "format": ov_backend.FORMAT, "files": files}))
+    ov_backend._check_entry(entry, "k")
+    with pytest.raises(ValueError, match="key"):
+        ov_backend._check_entry(entry, "another key")
+    data = bytearray((entry / "model.xml").read_bytes())
+    data[1000] ^= 1
+    (entry / "model.xml").write_bytes(bytes(data))
+    with pytest.raises(ValueError, match="model.xml"):
+        ov_backend._check_entry(entry, "k")
+
+
+def _tiny_openvino_model():
+    """A stand-in converted model (x -> relu(x)): the cache machinery without a conversion's minutes."""
+    import openvino as ov
+    import openvino.opset13 as ops
+
+    x = ops.parameter([-1, 4, -1, -1], np.float32, name="z")
+    return ov.Model([ops.relu(x)], [x], "stand-in")
+
+
+def test_an_interrupted_write_leaves_no_entry(tiny_model, tiny_io, tmp_path, monkeypatch):
+    import openvino
+
+    model = OpenVINOModel(tiny_model, model_hash="tiny-reference", cache_dir=tmp_path)
+    monkeypatch.setattr(ov_backend.OpenVINOPart, "_convert", lambda self, inputs: _tiny_openvino_model())
+    save_model = openvino.save_model
+
+    def interrupted(model, path, **kwargs):
+        path.write_text("<net half written")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(openvino, "save_model", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        model.decoder._entry([tiny_io["z_scaled"]])
+    assert list(tmp_path.iterdir()) == []
+    monkeypatch.setattr(openvino, "save_model", save_model)
+    entry = model.decoder._entry([tiny_io["z_scaled"]])
+    assert [p.name for p in tmp_path.iterdir()] == [entry.name]
+    assert sorted(p.name for p in entry.iterdir()) == ["meta.json", "model.bin", "model.xml"]
+
+
+def test_an_unwritable_cache_converts_in_memory(tiny_model, tiny_io, tmp_path, monkeypatch):
+    not_a_folder = tmp_path / "file"
+    not_a_folder.write_text("")
+    notices: list[str] = []
+    model = OpenVINOModel(tiny_model, cache_dir=not_a_folder / "cache", say=notices.append)
+    monkeypatch.setattr(ov_backend.OpenVINOPart, "_convert", lambda self, inputs: _tiny_openvino_model())
+    assert model.decoder._entry([tiny_io["z_scaled"]]) is None
+    assert any("cannot write the OpenVINO cache" in n for n in notices)
+    (out,) = model.decoder(-tiny_io["z_scaled"])  # the stand-in: relu
+    torch.testing.assert_close(out, torch.relu(-tiny_io["z_scaled"]))
+
+
+# ---------------------------------------------------------------------------------------------- what is traced
+def test_the_traced_unet_is_plain_ops_even_with_the_fast_paths_set_up(tiny_ckpt, tiny_io):
+    """With the weights prepared as the CPU pipeline prepares them (prepacked oneDNN kernels, Winograd-eligible
+    convolutions), ``torch.export`` records torch's public ops only, and that graph computes the original's
+    numbers."""
+    from ldm.inference.residency import PartWeights
+    from ldm.loading.build import load_model_from_config
+    from tests.conftest import tiny_config
+
+    model = load_model_from_config(tiny_config(), tiny_ckpt)
+    PartWeights(model.model, torch.float32, torch.contiguous_format).use()
+    assert any(getattr(m, "compute", None) for m in model.model.modules())
+    call = UNetCall(model.model.diffusion_model)
+    args = (tiny_io["unet_x"], tiny_io["unet_t"].float(), tiny_io["cond"])
+    with torch.no_grad():
+        exported = torch.export.export(call, args, strict=False)
+        ov_backend.check_plain_ops(exported, "unet")
+        assert_matches_reference(exported.module()(*args), tiny_io["unet_eps"], "unet_eps")
+
+
+def test_a_private_op_in_the_graph_is_refused():
+    if not hasattr(torch.ops.mkldnn, "_linear_pointwise"):
+        pytest.skip("this torch build has no oneDNN linear op")
+
+    class Fused(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.linear = torch.nn.Linear(8, 8)
+
+        def forward(self, x):
+            return torch.ops.mkldnn._linear_pointwise(x, self.linear.weight, self.linear.bias, "none", [], "")
+
+    with torch.no_grad():
+        exported = torch.export.export(Fused(), (torch.randn(2, 8),), strict=False)
+    with pytest.raises(OpenVINOConversionError, match="mkldnn::_linear_pointwise"):
+        ov_backend.check_plain_ops(exported, "test module")
+
+
+def test_weights_are_traced_in_float32_and_restored():
+    module = torch.nn.Linear(4, 4).to(torch.bfloat16)
+    stored = module.weight.data_ptr()
+    with ov_backend.float32_weights(module):
+        assert module.weight.dtype == torch.float32 and module.bias.dtype == torch.float32
+    assert module.weight.data_ptr() == stored and module.bias.dtype == torch.bfloat16
+
+
+def test_precision_names(tiny_model):
+    assert ov_backend.inference_precision_hint("fp32") == "f32"
+    with pytest.raises(ValueError, match="unknown"):
+        ov_backend.inference_precision_hint("fp8")
+    if not ov_backend.cpu_computes_bf16():
+        with pytest.raises(ValueError, match="bfloat16"):
+            OpenVINOModel(tiny_model, precision="bf16", cache_dir=None)
+
+
+def test_bf16_is_close_to_the_original(tiny_model, tiny_io, ov_cache):
+    if not ov_backend.cpu_computes_bf16():
+        pytest.skip("this CPU has no bfloat16 arithmetic OpenVINO uses (AVX512-BF16 or AMX)")
+    model = OpenVINOModel(tiny_model, precision="bf16", model_hash="tiny-reference", cache_dir=ov_cache)
+    for ours, key in ((model.apply_model(tiny_io["unet_x"], tiny_io["unet_t"], tiny_io["cond"]), "unet_eps"),
+                      (model.decode_first_stage(tiny_io["z_scaled"]), "decoded")):
+        assert (ours - tiny_io[key]).norm() / tiny_io[key].norm() < 2e-2, key
+
+
+# ---------------------------------------------------------------------------------------------- full size
+@pytest.mark.slow
+def test_full_model_matches_the_original(tmp_path_factory):
+    """Full-size SD v1 on the reference's deterministic weights through OpenVINO in float32 (several GB of RAM
+    and disk, minutes), then loaded again from the cache without converting."""
+    from omegaconf import OmegaConf
+
+    from ldm.loading.build import load_model_from_config
+    from ldm.testing.deterministic_weights import write_deterministic_checkpoint
+
+    config = OmegaConf.load("configs/stable-diffusion/v1-inference.yaml")
+    path = tmp_path_factory.mktemp("full") / "sd-v1-det.ckpt"
+    write_deterministic_checkpoint(config, path, seed=0)
+    cache = tmp_path_factory.mktemp("full-openvino")
+    io = load_file(FIXTURES / "full" / "io.safetensors")
+    model = load_model_from_config(config, path)
+    for attempt in range(2):
+        ov_model = OpenVINOModel(model, model_hash="full-det-0", cache_dir=cache)
+        assert_matches_reference(ov_model.get_learned_conditioning(["a photograph of an astronaut riding a horse", ""]),
+                                 io["cond"], "cond")
+        eps = ov_model.apply_model(io["unet_x"], io["unet_t"], io["cond"][:1].expand(2, -1, -1))
+        assert_matches_reference(eps, io["unet_eps"], "unet_eps")
+        posterior = ov_model.encode_first_stage(io["img"])
+        assert_matches_reference(posterior.mean, io["post_mean"], "post_mean")
+        assert_matches_reference(posterior.logvar, io["post_logvar"], "post_logvar")
+        assert_matches_reference(ov_model.decode_first_stage(io["z"]), io["decoded"], "decoded")
+        assert [p.conversions for p in ov_model.parts] == ([1, 1, 1, 1] if attempt == 0 else [0, 0, 0, 0])
+        ov_model.release()
+    path.unlink()
