@@ -294,10 +294,11 @@ def runs(tiny_ckpt, tiny_config_path, tmp_path_factory):
     init = tmp / "init.png"
     Image.fromarray(np.linspace(0, 255, 64 * 64 * 3).astype(np.uint8).reshape(64, 64, 3)).save(init)
     model = model_flags(tiny_ckpt, tiny_config_path)
+    # --per_image: a process's share may split a batch, and only images computed one at a time are bit-exact
     txt = model + ["--from-file", str(prompts), "--H", "64", "--W", "64", "--ddim_steps", "3", "--n_samples", "2",
-                   "--n_iter", "2", "--seed", "7"]
+                   "--n_iter", "2", "--seed", "7", "--per_image"]
     i2i = model + ["--init-img", str(init), "--prompt", "a blue square", "--ddim_steps", "4", "--strength", "0.5",
-                   "--n_samples", "3", "--n_iter", "1", "--seed", "11"]
+                   "--n_samples", "3", "--n_iter", "1", "--seed", "11", "--per_image"]
     (tmp / "txt2img" / "samples").mkdir(parents=True)
     (tmp / "txt2img" / "samples" / "00003.png").write_bytes(b"keep")  # numbering continues after it
     (tmp / "failing.py").write_text(FAILING.format(root=str(ROOT)))

@@ -83,23 +83,38 @@ def test_plan_jobs_seeds_and_partial_batch():
     assert [j.seeds for j in fixed] == [(10, 11), (10,), (10, 11), (10,)]
 
 
+def _max_difference(a: np.ndarray, b: np.ndarray) -> int:
+    return int(np.abs(a.astype(int) - b.astype(int)).max())
+
+
+@pytest.mark.parametrize("per_image", [True, None])
 @pytest.mark.parametrize("sampler, eta", [("ddim", 0.0), ("ddim", 0.5), ("plms", 0.0), ("dpm_solver", 0.0)])
-def test_an_image_does_not_depend_on_its_batch(pipe, sampler, eta):
-    """The recorded seed regenerates an image alone, pixel for pixel (batched kernels would differ by ~1e-6)."""
+def test_an_image_does_not_depend_on_its_batch(pipe, sampler, eta, per_image):
+    """The recorded seed regenerates an image alone: pixel for pixel when the batch was computed one image at a
+    time, within 2 levels (float32 rounding of the batched kernels) when it ran at once; noise drawn while
+    sampling (eta > 0) is the image's own too."""
     settings = Settings(steps=3, sampler=sampler, eta=eta, height=64, width=64, negative_prompt="dark")
-    batch, _ = pipe.generate(["a cat", "a dog", "a cow"], [5, 6, 7], settings)
-    alone, _ = pipe.generate(["a dog"], [6], settings)
-    np.testing.assert_array_equal(batch[1], alone[0])
-    assert np.abs(batch[0].astype(int) - batch[1].astype(int)).max() > 0
+    batch, _ = pipe.generate(["a cat", "a dog", "a cow"], [5, 6, 7], settings, per_image=per_image)
+    alone, _ = pipe.generate(["a dog"], [6], settings, per_image=True)
+    if per_image:
+        np.testing.assert_array_equal(batch[1], alone[0])
+    else:
+        assert _max_difference(batch[1], alone[0]) <= 2
+    assert _max_difference(batch[0], batch[1]) > 20
 
 
-def test_img2img_image_does_not_depend_on_its_batch(pipe, tiny_io):
-    settings = Settings(steps=4, height=64, width=64, strength=0.5)
+@pytest.mark.parametrize("per_image", [True, None])
+def test_img2img_image_does_not_depend_on_its_batch(pipe, tiny_io, per_image):
+    settings = Settings(steps=4, height=64, width=64, strength=0.5, eta=0.3)
     with torch.no_grad():
         posterior = pipe.encode_init(tiny_io["img"][:1])
-    batch, _ = pipe.generate(["a", "a"], [1, 2], settings, posterior)
-    alone, _ = pipe.generate(["a"], [2], settings, posterior)
-    np.testing.assert_array_equal(batch[1], alone[0])
+    batch, _ = pipe.generate(["a", "a"], [1, 2], settings, posterior, per_image=per_image)
+    alone, _ = pipe.generate(["a"], [2], settings, posterior, per_image=True)
+    if per_image:
+        np.testing.assert_array_equal(batch[1], alone[0])
+    else:
+        assert _max_difference(batch[1], alone[0]) <= 2
+    assert _max_difference(batch[0], batch[1]) > 20
 
 
 # ---------------------------------------------------------------------------------------------- device, precision

@@ -46,6 +46,10 @@ def add_new_flags(parser: argparse.ArgumentParser) -> None:
                              "models/safety-checker/ or the Hugging Face cache), off, or the path of its folder")
     parser.add_argument("--no_watermark", action="store_true",
                         help="do not embed the invisible watermark \"StableDiffusionV1\"")
+    parser.add_argument("--per_image", action="store_true",
+                        help="compute the images of a batch one at a time (slower), so that each is bit for bit the "
+                             "image its seed makes alone; by default a batch runs at once, and an image made alone "
+                             "differs from it by rounding only")
 
 
 def add_precision_flag(parser: argparse.ArgumentParser) -> None:

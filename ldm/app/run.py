@@ -131,6 +131,7 @@ class RunOptions:
     precision: str = "autocast"
     safety_checker: str = "auto"
     watermark: bool = True
+    per_image: bool = False  # compute a batch's images one at a time (bit-exact single-image reproduction)
 
 
 def validate(opt: RunOptions) -> None:
@@ -298,7 +299,9 @@ def check_before_loading(opt: RunOptions) -> None:
             height, width = round_to_multiple(opt.height, multiple), round_to_multiple(opt.width, multiple)
         else:
             width, height = fit_to_multiple(*init.size, math.lcm(SIZE_MULTIPLE, multiple))
-        need = sampling_memory_bytes(config, height, width, element_size, batch=1 if opt.scale == 1.0 else 2)
+        images = 1 if opt.per_image else min(opt.n_samples, len(opt.prompts))  # sampled at once
+        need = sampling_memory_bytes(config, height, width, element_size,
+                                     batch=images * (1 if opt.scale == 1.0 else 2))
     except (AttributeError, KeyError, TypeError, ValueError):
         need = None  # not an SD-like config: its model will tell what it needs
     if need is not None:
@@ -394,7 +397,8 @@ def _generate(opt: RunOptions, group: distributed.Group, jobs: list[Job], my_job
                      f"watermark needs; samples are saved without it")
     for job in tqdm(my_jobs, desc="Sampling", disable=len(my_jobs) < 2 or not world.is_main):
         group.check()
-        images, flagged = pipe.generate(job.prompts, job.seeds, settings, posterior)
+        images, flagged = pipe.generate(job.prompts, job.seeds, settings, posterior,
+                                        per_image=True if opt.per_image else None)
         for k, (image, prompt, seed, bad) in enumerate(zip(images, job.prompts, job.seeds, flagged), job.first):
             path = None
             if not opt.skip_save:

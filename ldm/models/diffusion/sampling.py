@@ -8,7 +8,9 @@ and ``DPMSolverSampler`` only choose a solver.
 
 Randomness is drawn where and as the original draws it (``x_T`` with ``torch.randn(shape, device=...)`` when not
 given; one ``noise_like`` draw per DDIM update, also when eta = 0; ``randn_like`` in ``q_sample`` for masks), so a
-seed gives the same images and leaves the generator in the same state.
+seed gives the same images and leaves the generator in the same state. With ``generator=`` (one CPU
+``torch.Generator`` per sample), ``sample`` and ``decode`` draw each sample's noise from its own generator
+instead, so a sample does not depend on the others of its batch.
 """
 from __future__ import annotations
 
@@ -139,12 +141,29 @@ class DiscreteSchedule:
                                 self.sqrt_one_minus_alphas[:n])
 
 
+Generators = torch.Generator | Sequence[torch.Generator] | None
+
+
+def draw_noise(shape: Sequence[int], device: torch.device, generators: Generators = None) -> torch.Tensor:
+    """Standard normal noise of ``shape`` (B, ...) on ``device``: from the global generator (the original's
+    ``noise_like``), or row k from ``generators[k]`` (CPU generators; a single one serves every row in turn)."""
+    if generators is None:
+        return noise_like(shape, device)
+    if isinstance(generators, torch.Generator):
+        return torch.randn(tuple(shape), generator=generators).to(device)
+    if len(generators) < shape[0]:
+        raise ValueError(f"{len(generators)} generators for {shape[0]} samples; give one per sample")
+    return torch.stack([torch.randn(tuple(shape[1:]), generator=g) for g in generators[:shape[0]]]).to(device)
+
+
 @dataclass
 class NoiseOptions:
-    """The original's knobs on the DDIM noise sigma_t z: ``temperature`` scales it, ``noise_dropout`` drops it."""
+    """The original's knobs on the DDIM noise sigma_t z: ``temperature`` scales it, ``noise_dropout`` drops it;
+    ``generators`` (one per sample) make each sample's noise its own."""
     temperature: float = 1.0
     noise_dropout: float = 0.0
     quantize: Callable[[torch.Tensor], torch.Tensor] | None = None
+    generators: Generators = None
 
 
 class DDIMSolver:
@@ -171,7 +190,7 @@ class DDIMSolver:
         x0 = predict_x0(x32, eps, s.sqrt_alphas[index], s.sqrt_one_minus_alphas[index])
         if opt.quantize is not None:
             x0 = opt.quantize(x0)
-        noise = s.sigmas[index] * noise_like(x.shape, x.device) * opt.temperature
+        noise = s.sigmas[index] * draw_noise(x.shape, x.device, opt.generators) * opt.temperature
         if opt.noise_dropout > 0.0:
             noise = F.dropout(noise, p=opt.noise_dropout)
         x_prev = ddim_update(x0, eps, s.sqrt_alphas_prev[index], s.dir_coefs[index], noise)
@@ -326,6 +345,7 @@ class Sampler:
                log_every_t: int = 100,
                unconditional_guidance_scale: float = 1.0,
                unconditional_conditioning: Conditioning = None,
+               generator: Generators = None,
                **kwargs: Any) -> tuple[torch.Tensor, dict]:
         """Draw samples (B, C, H, W) with S steps: -> (samples, {"x_inter": [...], "pred_x0": [...]}).
 
@@ -334,7 +354,8 @@ class Sampler:
         original): a partial last batch of k < batch_size rows makes k samples from the first k rows of x_T;
         more rows than batch_size use the first batch_size; a single row is shared by every sample.
         ``unconditional_conditioning`` (one row or one per sample) and ``unconditional_guidance_scale`` give
-        classifier-free guidance. ``mask`` (1 = keep) with ``x0`` (B, C, H, W) inpaints.
+        classifier-free guidance. ``mask`` (1 = keep) with ``x0`` (B, C, H, W) inpaints. ``generator`` (not in
+        the original): CPU generators, one per sample, for x_T (when not given) and the noise drawn while sampling.
         """
         if kwargs:
             warnings.warn(f"{type(self).__name__}.sample ignores unknown arguments {sorted(kwargs)}")
@@ -354,12 +375,15 @@ class Sampler:
         size = (batch_size, C, H, W)
         if verbose:
             print(f"Data shape for {self.name} sampling is {size}, eta {eta}")
-        img = torch.randn(size, device=self.device) if x_T is None else x_T
+        if x_T is None:
+            x_T = torch.randn(size, device=self.device) if generator is None else draw_noise(size, self.device,
+                                                                                            generator)
+        img = x_T
         if img.shape[0] < n:
             raise ValueError(f"x_T has {img.shape[0]} rows but {n} samples are made")
         img = img[:n].to(device=self.device, dtype=_float_dtype(self.model))
 
-        options = NoiseOptions(temperature, noise_dropout, self._quantizer(quantize_x0))
+        options = NoiseOptions(temperature, noise_dropout, self._quantizer(quantize_x0), generator)
         eps_fn = self._eps_fn(conditioning, unconditional_conditioning, unconditional_guidance_scale,
                               score_corrector, corrector_kwargs)
         solver = self.make_solver(eps_fn, self.num_schedule_steps(), options)
@@ -371,9 +395,11 @@ class Sampler:
     @torch.no_grad()
     def decode(self, x_latent: torch.Tensor, cond: Conditioning, t_start: int,
                unconditional_guidance_scale: float = 1.0, unconditional_conditioning: Conditioning = None,
-               use_original_steps: bool = False, verbose: bool = True) -> torch.Tensor:
+               use_original_steps: bool = False, verbose: bool = True,
+               generator: Generators = None) -> torch.Tensor:
         """img2img: denoise ``x_latent`` (B, C, H, W) from ``stochastic_encode(x0, t_start)`` with the t_start
         least noisy steps of the schedule (``make_schedule`` first). t_start = 0 returns x_latent unchanged.
+        ``generator``: as in :meth:`sample`, for the noise drawn while sampling (eta > 0).
         """
         self._require_schedule()
         total = self.num_schedule_steps(use_original_steps)
@@ -384,7 +410,7 @@ class Sampler:
         eps_fn = self._eps_fn(match_rows(cond, n), match_rows(unconditional_conditioning, n,
                                                               "unconditional_conditioning"),
                               unconditional_guidance_scale)
-        solver = self.make_solver(eps_fn, t_start, NoiseOptions(), use_original_steps)
+        solver = self.make_solver(eps_fn, t_start, NoiseOptions(generators=generator), use_original_steps)
         if verbose:
             print(f"Running {self.name} Sampling with {t_start} timesteps")
         x = x_latent.to(device=self.device, dtype=_float_dtype(self.model))
