@@ -17,7 +17,7 @@ from safetensors.torch import load_file
 
 from ldm.backend import openvino as ov_backend
 from ldm.backend.openvino import OpenVINOConversionError
-from ldm.inference.openvino import OpenVINOModel, UNetCall
+from ldm.inference.openvino import DecodeCall, OpenVINOModel, UNetCall
 from ldm.inference.pipeline import Pipeline, Settings
 from ldm.inference.precision import Precision
 from ldm.inference.tiling import tiled_decode, tiled_encode
@@ -214,31 +214,31 @@ def test_an_entry_check_sees_a_changed_byte(tmp_path):
         ov_backend._check_entry(entry, "k")
 
 
-def _tiny_openvino_model():
-    """A stand-in converted model (x -> relu(x)): the cache machinery without a conversion's minutes."""
+def _stand_in_export(*args, path=None, write=None):
+    """In place of :func:`export_to_openvino`: the model x -> relu(x), without a conversion's minutes; ``write``
+    replaces OpenVINO's writer."""
     import openvino as ov
     import openvino.opset13 as ops
 
     x = ops.parameter([-1, 4, -1, -1], np.float32, name="z")
-    return ov.Model([ops.relu(x)], [x], "stand-in")
+    model = ov.Model([ops.relu(x)], [x], "stand-in")
+    if path is None:
+        return model
+    (write or ov.save_model)(model, path)
 
 
 def test_an_interrupted_write_leaves_no_entry(tiny_model, tiny_io, tmp_path, monkeypatch):
-    import openvino
-
-    model = OpenVINOModel(tiny_model, model_hash="tiny-reference", cache_dir=tmp_path)
-    monkeypatch.setattr(ov_backend.OpenVINOPart, "_convert", lambda self, inputs: _tiny_openvino_model())
-    save_model = openvino.save_model
-
-    def interrupted(model, path, **kwargs):
+    def interrupted(model, path):
         path.write_text("<net half written")
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(openvino, "save_model", interrupted)
+    model = OpenVINOModel(tiny_model, model_hash="tiny-reference", cache_dir=tmp_path)
+    monkeypatch.setattr(ov_backend, "export_to_openvino",
+                        lambda *args: _stand_in_export(path=args[-1], write=interrupted))
     with pytest.raises(KeyboardInterrupt):
         model.decoder._entry([tiny_io["z_scaled"]])
     assert list(tmp_path.iterdir()) == []
-    monkeypatch.setattr(openvino, "save_model", save_model)
+    monkeypatch.setattr(ov_backend, "export_to_openvino", lambda *args: _stand_in_export(path=args[-1]))
     entry = model.decoder._entry([tiny_io["z_scaled"]])
     assert [p.name for p in tmp_path.iterdir()] == [entry.name]
     assert sorted(p.name for p in entry.iterdir()) == ["meta.json", "model.bin", "model.xml"]
@@ -249,11 +249,28 @@ def test_an_unwritable_cache_converts_in_memory(tiny_model, tiny_io, tmp_path, m
     not_a_folder.write_text("")
     notices: list[str] = []
     model = OpenVINOModel(tiny_model, cache_dir=not_a_folder / "cache", say=notices.append)
-    monkeypatch.setattr(ov_backend.OpenVINOPart, "_convert", lambda self, inputs: _tiny_openvino_model())
-    assert model.decoder._entry([tiny_io["z_scaled"]]) is None
-    assert any("cannot write the OpenVINO cache" in n for n in notices)
+    monkeypatch.setattr(ov_backend, "export_to_openvino", lambda *args: _stand_in_export(path=args[-1]))
     (out,) = model.decoder(-tiny_io["z_scaled"])  # the stand-in: relu
     torch.testing.assert_close(out, torch.relu(-tiny_io["z_scaled"]))
+    assert model.decoder.entry is None and model.decoder.conversions == 1
+    assert any("cannot write the OpenVINO cache" in n for n in notices)
+
+
+def test_a_model_stored_in_bfloat16_converts_to_the_same_float32_network(tiny_model, tiny_io, tmp_path):
+    """Weights stored in another dtype are traced as float32 copies; the IR is written while they live (the
+    converted model shares their memory), and an in-memory conversion owns its weights."""
+    stored = copy.deepcopy(tiny_model.first_stage_model).to(torch.bfloat16)
+    reference = copy.deepcopy(stored).float()
+    call, reference_call = DecodeCall(stored, 0.5), DecodeCall(reference, 0.5)
+    axes = [{0: ("batch", 1), 2: ("height", 1), 3: ("width", 1)}]
+    z = tiny_io["z_scaled"][:1]
+    with torch.no_grad():
+        expected = reference_call(z)
+    for cache in (tmp_path, None):
+        part = ov_backend.OpenVINOPart("decoder", call, stored, axes, cache_dir=cache)
+        (out,) = part(z)
+        assert_matches_reference(out, expected, f"decoded (cache {cache})")
+    assert stored.decoder.conv_in.weight.dtype == torch.bfloat16
 
 
 # ---------------------------------------------------------------------------------------------- what is traced

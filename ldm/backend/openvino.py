@@ -169,21 +169,33 @@ def check_plain_ops(exported: Any, name: str) -> None:
 
 
 def export_to_openvino(module: nn.Module, example: Sequence[torch.Tensor], dynamic_shapes: Sequence[Any],
-                       name: str):
-    """``module`` (called on tensors like ``example``) -> an ``openvino.Model``, via ``torch.export`` with the
-    given symbolic dimensions. Weights are traced in float32; the graph must hold only public ops."""
+                       name: str, path: Path | None = None):
+    """``module`` (called on tensors like ``example``) -> an ``openvino.Model`` holding its own copy of the weights,
+    via ``torch.export`` with the given symbolic dimensions; or, with ``path``, that model written there as IR
+    (float32 weights, read from torch's tensors while writing: nothing copied) and None returned. Weights are
+    traced in float32; the graph must hold only public ops. Raises :class:`OpenVINOConversionError`, or OSError
+    where the IR cannot be written."""
     import openvino
 
-    try:
-        with torch.no_grad(), float32_weights(module):
+    with torch.no_grad(), float32_weights(module):
+        try:
             exported = torch.export.export(module, tuple(example), dynamic_shapes=tuple(dynamic_shapes),
                                            strict=False)
             check_plain_ops(exported, name)
-            return openvino.convert_model(exported)
-    except OpenVINOConversionError:
-        raise
-    except Exception as err:  # torch.export and OpenVINO raise many kinds
-        raise OpenVINOConversionError(f"cannot convert the {name} to OpenVINO: {first_line(err)}") from err
+            # shared weights point into the (float32) tensors of this context: only while it lasts
+            model = openvino.convert_model(exported, share_weights=path is not None)
+        except OpenVINOConversionError:
+            raise
+        except Exception as err:  # torch.export and OpenVINO raise many kinds
+            raise OpenVINOConversionError(f"cannot convert the {name} to OpenVINO: {first_line(err)}; "
+                                          f"the torch backend runs this model") from err
+        if path is None:
+            return model
+        try:
+            openvino.save_model(model, path, compress_to_fp16=False)
+        except RuntimeError as err:
+            raise OSError(f"cannot write {path}: {first_line(err)}") from err
+        return None
 
 
 def _symbolic_dims(shapes: Sequence[Sequence[int]], axes: Sequence[dict[int, tuple[str, int]]]):
@@ -322,19 +334,17 @@ class OpenVINOPart:
         description = self.describe(types)
         return hashlib.sha256(json.dumps(description, sort_keys=True).encode()).hexdigest(), description
 
-    def _convert(self, inputs: Sequence[torch.Tensor]):
+    def _convert(self, inputs: Sequence[torch.Tensor], path: Path | None = None):
+        """The network converted (see :func:`export_to_openvino`): in memory, or written to ``path``."""
         shapes, dynamic = _symbolic_dims([t.shape for t in inputs], self.axes)
         example = [torch.zeros(s, dtype=t.dtype) for s, t in zip(shapes, inputs)]
         self.say(f"converting the {self.name} to OpenVINO (once per checkpoint)")
-        model = export_to_openvino(self.call, example, dynamic, self.name)
         self.conversions += 1
-        return model
+        return export_to_openvino(self.call, example, dynamic, self.name, path)
 
     def _entry(self, inputs: Sequence[torch.Tensor]) -> Path | None:
         """The cache entry for this network (built when missing or damaged); None where the cache cannot be
         written (the network is then converted in memory)."""
-        import openvino
-
         key, description = self.key(inputs)
         root = Path(self.cache_dir)
         entry = root / f"{self.name}-{key[:24]}"
@@ -353,9 +363,7 @@ class OpenVINOPart:
             self.say(f"notice: cannot write the OpenVINO cache in {root} ({err}); converting without a cache")
             return None
         try:
-            model = self._convert(inputs)
-            openvino.save_model(model, temp / "model.xml", compress_to_fp16=False)
-            del model
+            self._convert(inputs, temp / "model.xml")
             files = {name: _file_record(temp / name) for name in ("model.xml", "model.bin")}
             meta = {"key": key, "format": FORMAT, "files": files, "describe": description}
             (temp / "meta.json").write_text(json.dumps(meta, indent=1))
