@@ -51,7 +51,7 @@ class _StubPipe:
         self.model, self.model_name = None, "stub"
         self.model_hash = inference_pipeline.ModelHash(None)
 
-    def generate(self, prompts, seeds, settings, posterior=None):
+    def generate(self, prompts, seeds, settings, posterior=None, per_image=None):
         return np.zeros((len(prompts), settings.height, settings.width, 3), np.uint8), [False] * len(prompts)
 
 
