@@ -32,10 +32,12 @@ import ctypes.util
 import functools
 import hashlib
 import importlib.util
+import inspect
 import itertools
 import json
 import os
 import shutil
+import sys
 import tempfile
 import time
 from collections import OrderedDict
@@ -119,15 +121,39 @@ def structure_digest(module: nn.Module) -> str:
     return hashlib.sha256(repr(module).encode()).hexdigest()
 
 
+def source_digest(module: nn.Module, package: str = "ldm") -> str:
+    """sha256 of the source that defines ``module``'s computation: the files of ``package``'s Python modules whose
+    classes make up its tree and, transitively, of the ``package`` modules whose names those use (functions,
+    classes, modules), with this file. Libraries outside ``package`` are covered by their versions. An edit
+    elsewhere (the samplers, the command line) keeps the cache."""
+    names = {type(m).__module__ for m in module.modules()}
+    return _files_digest(frozenset(_package_closure(names, package)))
+
+
+def _package_closure(names: set[str], package: str) -> set[str]:
+    """The modules among ``names`` in ``package``, and the ``package`` modules they refer to, transitively."""
+    found: set[str] = set()
+    todo = [n for n in names if n == package or n.startswith(package + ".")]
+    while todo:
+        name = todo.pop()
+        module = sys.modules.get(name)
+        if name in found or module is None:
+            continue
+        found.add(name)
+        for value in vars(module).values():
+            ref = value.__name__ if inspect.ismodule(value) else getattr(value, "__module__", None)
+            if isinstance(ref, str) and (ref == package or ref.startswith(package + ".")) and ref not in found:
+                todo.append(ref)
+    return found
+
+
 @functools.cache
-def source_digest(root: Path, entries: tuple[str, ...]) -> str:
-    """sha256 of the ``*.py`` files at ``entries`` (files or folders, relative to ``root``) and of this module."""
+def _files_digest(names: frozenset[str]) -> str:
     digest = hashlib.sha256(Path(__file__).read_bytes())
-    for entry in entries:
-        path = root / entry
-        files = sorted(path.rglob("*.py")) if path.is_dir() else [path] if path.is_file() else []
-        for file in files:
-            digest.update(str(file.relative_to(root)).encode() + b"\0" + file.read_bytes() + b"\0")
+    for name in sorted(names):
+        file = getattr(sys.modules[name], "__file__", None)
+        if file:
+            digest.update(name.encode() + b"\0" + Path(file).read_bytes() + b"\0")
     return digest.hexdigest()
 
 
@@ -300,17 +326,19 @@ class OpenVINOPart:
     that ``release_weights`` gets once OpenVINO holds the network); ``axes``: per input, its symbolic axes as
     {axis: (symbol, multiple)} (a symbol may appear in several inputs; sizes must be multiples); ``cache_dir``:
     where entries live (None: converted in memory); ``model_hash``: returns the checkpoint's hash for the key;
-    ``code``: a digest of the source ``call`` computes with (see :func:`source_digest`); ``keep``: compiled shapes
+    ``code``: a digest of the source ``call`` computes with (default :func:`source_digest`); ``keep``: compiled shapes
     kept at once (each holds its own packed weights); ``say``: one-line notices. Calls take CPU torch tensors and
     return float32 torch tensors.
     """
 
     def __init__(self, name: str, call: nn.Module, weights: nn.Module, axes: Sequence[dict[int, tuple[str, int]]],
-                 cache_dir: Path | None = None, model_hash: Callable[[], str | None] = lambda: None, code: str = "",
+                 cache_dir: Path | None = None, model_hash: Callable[[], str | None] = lambda: None,
+                 code: str | None = None,
                  keep: int = 1, say: Callable[[str], None] = lambda message: None,
                  release_weights: Callable[[nn.Module], Any] | None = None):
         self.name, self.call, self.weights, self.axes = name, call, weights, list(axes)
-        self.cache_dir, self.model_hash, self.code, self.keep, self.say = cache_dir, model_hash, code, keep, say
+        self.cache_dir, self.model_hash, self.keep, self.say = cache_dir, model_hash, keep, say
+        self.code = source_digest(call) if code is None else code
         self.release_weights = release_weights
         self.entry: Path | None = None  # the cache entry in use (None: converted in memory only)
         self.conversions = 0  # how many times this object converted the network (the cache tests read it)

@@ -26,18 +26,9 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from ldm.backend.openvino import OpenVINOPart, default_cache_dir, inference_precision_hint, source_digest
+from ldm.backend.openvino import OpenVINOPart, default_cache_dir, inference_precision_hint
 from ldm.modules.distributions.distributions import DiagonalGaussianDistribution
 from ldm.modules.encoders.modules import FrozenCLIPEmbedder
-
-# what the converted networks compute with, relative to the ldm package: an edit there makes new cache entries
-MODEL_SOURCES = ("models", "modules", "backend/layout.py", "backend/onednn.py", "backend/winograd.py",
-                 "inference/openvino.py")
-
-
-def model_source_digest() -> str:
-    """sha256 of :data:`MODEL_SOURCES` (part of every cache key)."""
-    return source_digest(Path(__file__).resolve().parents[1], MODEL_SOURCES)
 
 
 # ---------------------------------------------------------------------------------------------- traced callables
@@ -135,7 +126,7 @@ class OpenVINOModel:
         self.precision = precision
         cache = default_cache_dir() if cache_dir == "default" else None if cache_dir is None else Path(cache_dir)
         common = {"cache_dir": cache, "model_hash": model_hash if callable(model_hash) else lambda: model_hash,
-                  "code": model_source_digest(), "say": say or (lambda message: None),
+                  "say": say or (lambda message: None),
                   "release_weights": release_weights}
         unet = wrapper.diffusion_model
         multiple = 2 ** (len(getattr(unet, "channel_mult", (1,))) - 1)  # the UNet's downsampling
