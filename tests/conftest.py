@@ -87,3 +87,19 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture(autouse=True)
+def _process_wide_fast_path_state_is_left_as_found():
+    """A test that makes a fast path fail must do it on a gate of its own: the process's gate switches a failed
+    path to torch's op for good, and later in-process runs would then round differently from subprocesses."""
+    from ldm.backend import onednn
+
+    before = (dict(onednn.gate.failed), torch.backends.mkldnn.enabled)
+    yield
+    after = (dict(onednn.gate.failed), torch.backends.mkldnn.enabled)
+    if after != before:
+        onednn.gate.failed.clear()
+        onednn.gate.failed.update(before[0])
+        torch.backends.mkldnn.enabled = before[1]
+        pytest.fail(f"the test changed the process's fast-path state: {before} -> {after}")

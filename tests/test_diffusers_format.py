@@ -66,9 +66,11 @@ def ours_image(pipe, prompt: str, seed: int, steps: int, scale: float, eta: floa
 def diffusers_image(sd_pipe, x_T: torch.Tensor, prompt: str, seed: int, steps: int, scale: float, eta: float,
                     size: int) -> np.ndarray:
     """diffusers' DDIM image from the start latents ``x_T``; the generator gives the noise of eta > 0 (ours draws
-    it from the global generator seeded with the image's seed: the same numbers)."""
+    it from the image's generator after its start code: the same numbers)."""
+    generator = torch.Generator().manual_seed(seed)
+    torch.randn(tuple(x_T.shape[1:]), generator=generator)  # the start code, drawn first
     out = sd_pipe(prompt, height=size, width=size, num_inference_steps=steps, guidance_scale=scale, eta=eta,
-                  latents=x_T.clone(), generator=torch.Generator().manual_seed(seed), output_type="np").images
+                  latents=x_T.clone(), generator=generator, output_type="np").images
     return (out[0] * 255).round().astype(np.uint8)  # as diffusers makes its PIL images
 
 

@@ -103,6 +103,11 @@ def pixels(path: Path) -> np.ndarray:
         return np.asarray(image.convert("RGB"))
 
 
+def max_diff(a: np.ndarray, b: np.ndarray) -> int:
+    assert a.shape == b.shape
+    return int(np.abs(a.astype(np.int16) - b.astype(np.int16)).max())
+
+
 def sha10(path: Path) -> str:
     return hashlib.sha256(Path(path).read_bytes()).hexdigest()[:10]
 
@@ -153,7 +158,7 @@ def runs(tiny_ckpt, tiny_config_path, tmp_path_factory) -> Runs:
     results = Runs()
     # two concurrent writers into one folder with an existing 00007.png, grid-0002.png and unrelated files
     results["ddim_a"] = Run(shared, start(script("txt2img") + a_run + ["--seed", "100"]))
-    results["ddim_b"] = Run(shared, start(script("txt2img") + a_run + ["--seed", "200"]))
+    results["ddim_b"] = Run(shared, start(script("txt2img") + a_run + ["--seed", "200", "--per_image"]))
     results["wm_512"] = Run(tmp / "wm", start(script("txt2img") + wm + ["--outdir", str(tmp / "wm")]))
     results["img2img"] = Run(tmp / "i2i", start(script("img2img") + i2i + ["--n_samples", "2",
                                                                            "--outdir", str(tmp / "i2i")]))
@@ -164,6 +169,9 @@ def runs(tiny_ckpt, tiny_config_path, tmp_path_factory) -> Runs:
         # image 2 of run a (iteration 1, slot 0: seed 100 + 2), alone
         "regen": ("txt2img", common + ["--n_samples", "1", "--n_iter", "1", "--seed", "102", "--skip_grid",
                                        "--negative_prompt", NEGATIVE, "--prompt", "a red circle"]),
+        # image 3 of run b (computed one at a time), alone
+        "regen_b": ("txt2img", common + ["--n_samples", "1", "--n_iter", "1", "--seed", "203", "--skip_grid",
+                                         "--negative_prompt", NEGATIVE, "--prompt", "a red circle"]),
         "plms_file": ("txt2img", model + small + ["--plms", "--from-file", str(prompts), "--n_samples", "2",
                                                   "--n_iter", "1", "--safety_checker",
                                                   str(write_checker(tmp / "flag_all", -1.0))]),
@@ -220,8 +228,11 @@ def test_recorded_seed_regenerates_the_image_alone(runs):
     by_seed = {parameters(p)[2]["Seed"]: p for p in (shared / "samples").glob("000??.png") if p.name != "00007.png"}
     (alone,) = runs["regen"].samples()
     assert parameters(alone)[2]["Seed"] == "102"
-    np.testing.assert_array_equal(pixels(alone), pixels(by_seed["102"]))
+    # from a batch: within the batched kernels' rounding (docs/benchmark.md); with --per_image: bit for bit
+    assert max_diff(pixels(alone), pixels(by_seed["102"])) <= 2
     assert not np.array_equal(pixels(by_seed["102"]), pixels(by_seed["103"]))
+    (alone_b,) = runs["regen_b"].samples()
+    np.testing.assert_array_equal(pixels(alone_b), pixels(by_seed["203"]))
 
 
 def test_small_images_skip_the_watermark_with_a_notice(runs):
@@ -299,7 +310,7 @@ def test_img2img(runs):
     assert fields["Denoising strength"] == "0.5" and fields["Sampler"] == "DPM-Solver++" and fields["Seed"] == "42"
     assert fields["CFG scale"] == "5.0" and fields["Size"] == "64x64"
     (alone,) = runs["img2img_regen"].samples()
-    np.testing.assert_array_equal(pixels(alone), pixels(samples[1]))
+    assert max_diff(pixels(alone), pixels(samples[1])) <= 2  # image 2 of a batch, made alone from its seed
     assert len(result.grids()) == 1
 
 
