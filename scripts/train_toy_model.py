@@ -8,8 +8,8 @@ Four ``main.py`` runs (see docs/training.md for the recipe and what each stage b
 1. ``autoencoder``: configs/toy-shapes/autoencoder.yaml, constant learning rate;
 2. ``ldm``: configs/toy-shapes/ldm.yaml on the latents of 1 (ldm-cached-latents.yaml: encoded once);
 3. ``autoencoder-ft``: 1 continued at a tenth of the learning rate (autoencoder-finetune.yaml);
-4. ``ldm-ft``: 2 continued on the latents of 3, cosine learning-rate decay (ldm-finetune.yaml), starting from the
-   EMA weights of 2.
+4. ``ldm-ft<N>``: 2 continued on the latents of 3, cosine learning-rate decay (ldm-finetune.yaml), starting from
+   the EMA weights of 2; ``--ldm_ft_rounds`` times, each round from the EMA weights of the one before.
 
 ``--start_from`` takes stages 1 and 2 from an exported model instead (its autoencoder, and its UNet with the EMA
 baked in). The last LDM checkpoint is exported: EMA weights baked into the UNet, ``model_ema.*`` dropped, module
@@ -39,6 +39,7 @@ LDM_LATENTS = f"{CONFIGS}/ldm-cached-latents.yaml"
 LDM_FINETUNE = f"{CONFIGS}/ldm-finetune.yaml"
 OUT_DIR = "models/ldm/toy-shapes"
 FIRST_STAGE_CKPT = "model.params.first_stage_config.params.ckpt_path"
+LDM_FT_ROUNDS = 1
 
 
 def train(configs: list[str], name: str, logdir: str, seed: int, overrides: list[str]) -> Path:
@@ -167,6 +168,8 @@ def main(argv: list[str] | None = None) -> None:
     for stage in ("ae", "ldm", "ae_ft", "ldm_ft"):
         parser.add_argument(f"--{stage}", nargs="*", default=[], metavar="KEY=VALUE",
                             help=f"overrides for the {stage.replace('_', '-')} run")
+    parser.add_argument("--ldm_ft_rounds", type=int, default=LDM_FT_ROUNDS,
+                        help="how many times stage 4 runs, each from the EMA weights of the one before")
     parser.add_argument("--autoencoder_run", help="skip stage 1: use this autoencoder run folder")
     parser.add_argument("--export_only", metavar="LDM_RUN", help="only export this LDM run folder")
     opt = parser.parse_args(argv)
@@ -186,9 +189,11 @@ def main(argv: list[str] | None = None) -> None:
         ldm_init = ldm_init_from_run(ldm_run, ldm_run / "checkpoints" / "ldm-init.ckpt")
     ae_ft_run = train([AE_CONFIG, AE_FINETUNE], "toy-shapes-autoencoder-ft", opt.logdir, opt.seed,
                       [f"model.params.ckpt_path={ae_ckpt}", *opt.ae_ft])
-    ldm_ft_run = train([LDM_CONFIG, LDM_LATENTS, LDM_FINETUNE], "toy-shapes-ldm-ft", opt.logdir, opt.seed,
-                       [f"{FIRST_STAGE_CKPT}={ae_ft_run / 'checkpoints' / 'last.ckpt'}",
-                        f"model.params.ckpt_path={ldm_init}", *opt.ldm_ft])
+    for round_ in range(1, opt.ldm_ft_rounds + 1):  # each round restarts from the EMA weights of the one before
+        ldm_ft_run = train([LDM_CONFIG, LDM_LATENTS, LDM_FINETUNE], f"toy-shapes-ldm-ft{round_}", opt.logdir,
+                           opt.seed, [f"{FIRST_STAGE_CKPT}={ae_ft_run / 'checkpoints' / 'last.ckpt'}",
+                                      f"model.params.ckpt_path={ldm_init}", *opt.ldm_ft])
+        ldm_init = ldm_init_from_run(ldm_ft_run, ldm_ft_run / "checkpoints" / "ldm-init.ckpt")
     export(ldm_ft_run, Path(opt.out))
     print(f"total {time.time() - start:.0f} s")
 

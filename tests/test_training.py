@@ -318,12 +318,13 @@ def test_train_toy_model_runs_the_recipe_and_exports(tmp_path):
     logdir, out = tmp_path / "logs", tmp_path / "export"
     env = dict(os.environ, OMP_NUM_THREADS="1")
     stages = ["--ae", *TINY_AE_ARGS, "--ae_ft", *TINY_AE_ARGS, "--ldm", *TINY_LDM_ARGS, "--ldm_ft", *TINY_LDM_ARGS]
-    cmd = [sys.executable, str(ROOT / "scripts" / "train_toy_model.py"), "--logdir", str(logdir), "--out", str(out)]
+    cmd = [sys.executable, str(ROOT / "scripts" / "train_toy_model.py"), "--logdir", str(logdir), "--out", str(out),
+           "--ldm_ft_rounds", "1"]
     result = subprocess.run([*cmd, *stages], cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stderr[-3000:]
     runs = {p.name.split("_", 1)[1]: p for p in logdir.iterdir() if "_toy-shapes" in p.name}
     assert sorted(runs) == ["toy-shapes-autoencoder", "toy-shapes-autoencoder-ft", "toy-shapes-ldm",
-                            "toy-shapes-ldm-ft"]
+                            "toy-shapes-ldm-ft1"]
     config = OmegaConf.load(out / "config.yaml")
     assert config.model.params.first_stage_config.target == "ldm.models.autoencoder.AutoencoderKL"
     assert "ckpt_path" not in OmegaConf.to_yaml(config) and config.model.params.use_ema is False
@@ -331,7 +332,7 @@ def test_train_toy_model_runs_the_recipe_and_exports(tmp_path):
     autoencoder, _ = read_checkpoint(runs["toy-shapes-autoencoder-ft"] / "checkpoints" / "last.ckpt")
     torch.testing.assert_close(model.first_stage_model.decoder.conv_out.weight,
                                autoencoder["decoder.conv_out.weight"].half().float())
-    trained, extras = read_checkpoint(runs["toy-shapes-ldm-ft"] / "checkpoints" / "last.ckpt")
+    trained, extras = read_checkpoint(runs["toy-shapes-ldm-ft1"] / "checkpoints" / "last.ckpt")
     assert extras["global_step"] == 3
     torch.testing.assert_close(model.model.diffusion_model.out[2].weight,
                                trained["model_ema.diffusion_modelout2weight"].half().float())
