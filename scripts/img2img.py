@@ -72,7 +72,7 @@ def main(argv: list[str] | None = None) -> None:
         strength=opt.strength, n_iter=opt.n_iter, n_samples=opt.n_samples, n_rows=opt.n_rows, channels=opt.C,
         factor=opt.f, seed=opt.seed, fixed_code=opt.fixed_code, skip_save=opt.skip_save, skip_grid=opt.skip_grid,
         device=opt.device, precision=opt.precision, safety_checker=opt.safety_checker,
-        watermark=not opt.no_watermark, per_image=opt.per_image))
+        watermark=not opt.no_watermark, per_image=opt.per_image, backend=opt.backend))
 
 
 if __name__ == "__main__":

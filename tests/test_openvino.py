@@ -8,11 +8,16 @@ from __future__ import annotations
 
 import copy
 import json
+import os
 import shutil
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 from safetensors.torch import load_file
 
 from ldm.backend import openvino as ov_backend
@@ -366,3 +371,52 @@ def test_full_model_matches_the_original(tmp_path_factory):
         assert [p.conversions for p in ov_model.parts] == ([1, 1, 1, 1] if attempt == 0 else [0, 0, 0, 0])
         ov_model.release()
     path.unlink()
+
+
+# ---------------------------------------------------------------------------------------------- --backend
+def test_backend_choice(monkeypatch):
+    from ldm.errors import InputError
+    from ldm.inference.pipeline import resolve_backend
+
+    cpu = torch.device("cpu")
+    assert resolve_backend("auto", cpu, "full") == ("torch", FULL)  # auto: torch until OpenVINO wins end to end
+    assert resolve_backend("openvino", cpu, "full")[0] == "openvino"
+    with pytest.raises(InputError, match="runs on the CPU; use --device cpu"):
+        resolve_backend("openvino", torch.device("meta"), "full")
+    with pytest.raises(InputError, match="fp32 or bf16"):
+        resolve_backend("openvino", cpu, "fp16")
+    with pytest.raises(InputError, match="unknown backend 'onnx'"):
+        resolve_backend("onnx", cpu, "full")
+    monkeypatch.setattr(ov_backend, "cpu_computes_bf16", lambda: False)
+    with pytest.raises(InputError, match="use --precision full"):
+        resolve_backend("openvino", cpu, "bf16")
+    monkeypatch.setattr("ldm.inference.precision.computes_bf16_natively", lambda: True)
+    assert resolve_backend("openvino", cpu, "autocast")[1].label == "fp32"  # the best OpenVINO computes here
+    monkeypatch.setattr(ov_backend, "available", lambda: False)
+    with pytest.raises(InputError, match="pip install openvino"):
+        resolve_backend("openvino", cpu, "full")
+
+
+def test_the_script_on_openvino_makes_the_torch_backends_images(tmp_path):
+    """The README's main command (the embedded toy model) with ``--backend openvino``: the torch backend's images
+    within 2 of 255 levels, fp32; a second run reads its networks from the cache."""
+    root = Path(__file__).resolve().parents[1]
+    toy = root / "models" / "ldm" / "toy-shapes"
+    env = dict(os.environ, XDG_CACHE_HOME=str(tmp_path / "cache"), OMP_NUM_THREADS="1")
+    runs = []
+    for i, backend in enumerate(("openvino", "torch", "openvino")):
+        out = tmp_path / f"{i}-{backend}"
+        cmd = [sys.executable, "scripts/txt2img.py", "--config", str(toy / "config.yaml"), "--ckpt",
+               str(toy / "model.ckpt"), "--prompt", "a red circle on a white background", "--H", "64", "--W", "64",
+               "--ddim_steps", "10", "--n_samples", "2", "--n_iter", "1", "--precision", "full", "--skip_grid",
+               "--backend", backend, "--outdir", str(out)]
+        result = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True, timeout=900)
+        assert result.returncode == 0, result.stderr[-2000:]
+        assert ("converting the unet to OpenVINO" in result.stdout) == (i == 0)  # then from the cache
+        samples = sorted((out / "samples").glob("*.png"))
+        runs.append([np.asarray(Image.open(p).convert("RGB")).astype(np.int16) for p in samples])
+    first, reference, cached = runs
+    assert len(first) == len(reference) == len(cached) == 2
+    for a, b, c in zip(first, reference, cached):
+        assert b.std() > 10
+        assert np.abs(a - b).max() <= 2 and np.array_equal(a, c)

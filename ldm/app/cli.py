@@ -50,6 +50,9 @@ def add_new_flags(parser: argparse.ArgumentParser) -> None:
                         help="compute the images of a batch one at a time (slower), so that each is bit for bit the "
                              "image its seed makes alone; by default a batch runs at once, and an image made alone "
                              "differs from it by rounding only")
+    parser.add_argument("--backend", choices=["auto", "torch", "openvino"], default="auto",
+                        help="what runs the networks: torch, or OpenVINO on the CPU (converted from the checkpoint "
+                             "once, cached in ~/.cache/ldm/openvino); auto: torch (see docs/benchmark.md)")
 
 
 def add_precision_flag(parser: argparse.ArgumentParser) -> None:

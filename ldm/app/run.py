@@ -44,8 +44,9 @@ from ldm.inference.pipeline import (
     img2img_steps,
     load_config,
     load_pipeline,
+    resolve_backend,
 )
-from ldm.inference.precision import resolve_device, resolve_precision
+from ldm.inference.precision import resolve_device
 from ldm.loading.checkpoint import SAFETENSORS_SUFFIXES
 from ldm.loading.diffusers_format import is_diffusers_folder
 
@@ -132,6 +133,7 @@ class RunOptions:
     safety_checker: str = "auto"
     watermark: bool = True
     per_image: bool = False  # compute a batch's images one at a time (bit-exact single-image reproduction)
+    backend: str = "auto"  # what runs the networks: torch or openvino (ldm.inference.pipeline.resolve_backend)
 
 
 def validate(opt: RunOptions) -> None:
@@ -283,7 +285,7 @@ def check_before_loading(opt: RunOptions) -> None:
     if opt.init_img is not None:
         init = open_image(opt.init_img, notice=lambda message: None)
     device = resolve_device(opt.device)
-    precision = resolve_precision(opt.precision, device)
+    _, precision = resolve_backend(opt.backend, device, opt.precision)
     check_model_files(opt.config, opt.ckpt)
     check_checkpoint_file(opt.ckpt)
     config = load_config(opt.config)
@@ -385,7 +387,7 @@ def _generate(opt: RunOptions, group: distributed.Group, jobs: list[Job], my_job
     pipe = settings = watermark = posterior = None
     if my_jobs:
         pipe = load_pipeline(opt.config, opt.ckpt, opt.device, opt.precision, opt.safety_checker, say_once,
-                             verbose=world.is_main)
+                             verbose=world.is_main, backend=opt.backend)
         if pipe.device.type == "cpu":
             process_settings.enter_context(tuned_allocator())  # the heap keeps and reuses what sampling frees
             release_library_pages()  # what loading touched and a CPU run does not use again

@@ -27,8 +27,6 @@ renamed into place; one that fails its checks (sizes, checksums, OpenVINO's read
 from __future__ import annotations
 
 import contextlib
-import ctypes
-import ctypes.util
 import functools
 import hashlib
 import importlib.util
@@ -47,11 +45,11 @@ from typing import Any, Callable, Iterator, Sequence
 import torch
 from torch import nn
 
+from ldm.backend.memory import release_mapped_file
 from ldm.errors import LdmError, first_line
 
 FORMAT = 1  # of a cache entry; bump when what is exported or how it is stored changes
 PRECISIONS = {"fp32": "f32", "bf16": "bf16"}  # ours -> OpenVINO's INFERENCE_PRECISION_HINT
-_MADV_PAGEOUT = 21  # Linux
 _STALE_TEMP_SECONDS = 24 * 3600  # temporary folders of crashed conversions older than this are removed
 
 
@@ -288,34 +286,6 @@ def _remove_stale_temporaries(root: Path) -> None:
         with contextlib.suppress(OSError):
             if now - path.stat().st_mtime > _STALE_TEMP_SECONDS:
                 shutil.rmtree(path, ignore_errors=True)
-
-
-@functools.cache
-def _libc():
-    try:
-        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-    except OSError:
-        return None
-
-
-def release_mapped_file(path: Path) -> int:
-    """Hand this process's resident pages of a memory-mapped file back to the page cache (Linux 5.4+
-    ``MADV_PAGEOUT``; 0 elsewhere); returns how many mappings were advised. OpenVINO maps the converted weights
-    shared and read-only and, once compiled, computes from its own packed copies: the mapped ones need not count
-    in the process's memory (a page read again faults back in, unchanged). Belongs with
-    :mod:`ldm.backend.memory` (whose :class:`~ldm.backend.memory.FilePages` handles private mappings only)."""
-    madvise = getattr(_libc(), "madvise", None)
-    if madvise is None or not os.path.exists("/proc/self/maps"):
-        return 0
-    madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
-    target, advised = os.path.realpath(path), 0
-    with open("/proc/self/maps") as maps:
-        for line in maps:
-            fields = line.split(maxsplit=5)
-            if len(fields) == 6 and fields[5].rstrip("\n") == target:
-                start, end = (int(a, 16) for a in fields[0].split("-"))
-                advised += madvise(start, end - start, _MADV_PAGEOUT) == 0
-    return advised
 
 
 # ---------------------------------------------------------------------------------------------- one network

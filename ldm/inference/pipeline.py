@@ -59,11 +59,43 @@ ENCODE_TILE_ABOVE = 1024 * 1024  # init images with more pixels are encoded in t
 PER_IMAGE_DEFAULT: dict[str, bool] = {"cpu": False, "cuda": False, "mps": False}
 
 
+BACKENDS = ("auto", "torch", "openvino")
+
+
 def _say(message: str) -> None:
     print(message, flush=True)
 
 
 # ---------------------------------------------------------------------------------------------- model
+def resolve_backend(name: str, device: torch.device, precision: str) -> tuple[str, Precision]:
+    """(``torch`` or ``openvino``, the precision it computes at) for ``--backend name`` on ``device`` at
+    ``--precision precision``.
+
+    ``auto`` is torch: measured on a 2-core AVX2 CPU (docs/benchmark.md), OpenVINO's UNet step is about 0.9x
+    ours but its decode 1.1x, its first run converts for minutes and its peak memory is 1.8x ours, so it is
+    chosen by hand (``--backend openvino``) until it wins end to end. ``openvino`` runs on the CPU, in fp32, or
+    in bf16 where OpenVINO computes it (``autocast``: bf16 there, else fp32)."""
+    if name not in BACKENDS:
+        raise InputError(f"unknown backend '{name}'; use one of {', '.join(BACKENDS)}")
+    prec = resolve_precision(precision, device)
+    if name != "openvino":
+        return "torch", prec
+    from ldm.backend import openvino
+
+    if device.type != "cpu":
+        raise InputError(f"--backend openvino runs on the CPU; use --device cpu, or --backend torch on {device.type}")
+    if not openvino.available():
+        raise InputError("--backend openvino needs the openvino package: pip install openvino (or use --backend torch)")
+    if prec.label == "fp16":
+        raise InputError("--backend openvino computes fp32 or bf16; use --precision full or bf16")
+    if prec.label == "bf16" and not openvino.cpu_computes_bf16():
+        if precision == "autocast":
+            return "openvino", resolve_precision("full", device)
+        raise InputError("--backend openvino: this CPU has no bfloat16 arithmetic OpenVINO uses (AVX512-BF16 or "
+                         "AMX); use --precision full")
+    return "openvino", prec
+
+
 def check_model_files(config: str | Path, ckpt: str | Path) -> None:
     """Fail early, with the fix, when the config or checkpoint file is missing."""
     config, ckpt = Path(config), Path(ckpt)
@@ -305,21 +337,24 @@ def img2img_steps(strength: float, steps: int) -> int:
 
 
 def load_pipeline(config: str | Path, ckpt: str | Path, device: str = "auto", precision: str = "autocast",
-                  safety_checker: str = "off", say: Callable[[str], None] = _say, verbose: bool = True) -> Pipeline:
+                  safety_checker: str = "off", say: Callable[[str], None] = _say, verbose: bool = True,
+                  backend: str = "auto") -> Pipeline:
     """Load the model of ``config``/``ckpt`` on ``device`` at ``precision``, and the safety checker
-    (``verbose``: print the checkpoint's step and loading notes)."""
+    (``verbose``: print the checkpoint's step and loading notes). ``backend``: what runs the networks
+    (:func:`resolve_backend`); with ``openvino`` the model is an :class:`ldm.inference.openvino.OpenVINOModel`."""
     from ldm.inference.safety import load_safety_checker
 
     torch_device = resolve_device(device)
-    prec = resolve_precision(precision, torch_device)
-    notice = slow_precision_notice(prec, torch_device)
+    backend, prec = resolve_backend(backend, torch_device, precision)
+    notice = slow_precision_notice(prec, torch_device) if backend == "torch" else None
     if notice:
         say(notice)
     check_model_files(config, ckpt)
     config_obj = load_config(config)
     model_hash = ModelHash(ckpt)
     say(f"Loading model from {ckpt}")
-    on_demand = torch_device.type == "cpu"  # parts converted when used (ldm.inference.residency); elsewhere all at once
+    # CPU: weights as stored, parts converted when used (ldm.inference.residency) or by OpenVINO; elsewhere at once
+    on_demand = torch_device.type == "cpu"
     try:
         model = load_model_from_config(config_obj, ckpt, device=torch_device, dtype=prec.weight_dtype, verbose=verbose,
                                        as_stored=on_demand)
@@ -336,7 +371,12 @@ def load_pipeline(config: str | Path, ckpt: str | Path, device: str = "auto", pr
         model.use_ema = False
         del model.model_ema
     parts = []
-    if on_demand:
+    if backend == "openvino":
+        from ldm.inference.openvino import OpenVINOModel
+
+        model = OpenVINOModel(model, precision=prec.label, model_hash=model_hash.result, say=say,
+                              release_weights=release_file_pages)
+    elif on_demand:
         memory_format = preferred_memory_format(torch_device, prec.weight_dtype)
         parts = [PartWeights(part, prec.weight_dtype, memory_format)
                  for part in (model.cond_stage_model, model.model, model.first_stage_model)]
