@@ -30,6 +30,9 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "scripts"))
+
+from benchmark import peak_rss  # noqa: E402  (scripts/benchmark.py)
 
 FULL_CONFIG = ROOT / "configs/stable-diffusion/v1-inference.yaml"
 PROMPT = "a photograph of an astronaut riding a horse"
@@ -37,12 +40,6 @@ GB = 1e9
 
 
 # ------------------------------------------------------------------------------------------------ machine
-def peak_rss() -> int:
-    """This process's high-water RSS in bytes (VmHWM)."""
-    with open("/proc/self/status") as f:
-        return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM:"))
-
-
 def machine_load() -> dict:
     """Load average and the other CPU-heavy processes (this machine is shared)."""
     ps = subprocess.run(["ps", "-eo", "pcpu,args", "--sort=-pcpu"], capture_output=True, text=True).stdout
