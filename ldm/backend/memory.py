@@ -26,7 +26,7 @@ import re
 import sys
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 import numpy as np
 import torch
@@ -193,22 +193,23 @@ def release_library_pages() -> int:
     import (about 270 MB of a 512x512 run's peak RSS here). Only clean pages go (they are file pages; the
     relocated, private ones stay); those still in use fault back in. Process-wide: only the application calls it.
     """
-    madvise = _libc_function("madvise", [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int])
-    if madvise is None:
-        return 0
-    return sum(madvise(lo, hi - lo, _MADV_PAGEOUT) == 0
-               for lo, hi, _, name in list(_mappings()) if _SHARED_OBJECT.search(name))
+    return _page_out(lambda name: bool(_SHARED_OBJECT.search(name)))
 
 
 def release_mapped_file(path: str | os.PathLike) -> int:
     """Hand this process's resident pages of a file mapped shared and read-only (OpenVINO's converted weights,
     which it no longer reads once compiled) back to the page cache (Linux 5.4+ ``MADV_PAGEOUT``); returns how
     many mappings were advised (0 elsewhere). A page read again faults back in, unchanged."""
+    target = os.path.realpath(path)
+    return _page_out(lambda name: name == target)
+
+
+def _page_out(chosen: Callable[[str], bool]) -> int:
+    """``MADV_PAGEOUT`` on each mapping whose path is ``chosen``; how many the kernel took (0 without madvise)."""
     madvise = _libc_function("madvise", [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int])
     if madvise is None:
         return 0
-    target = os.path.realpath(path)
-    return sum(madvise(lo, hi - lo, _MADV_PAGEOUT) == 0 for lo, hi, _, name in list(_mappings()) if name == target)
+    return sum(madvise(lo, hi - lo, _MADV_PAGEOUT) == 0 for lo, hi, _, name in list(_mappings()) if chosen(name))
 
 
 # ---------------------------------------------------------------------------------------------- mappings
