@@ -33,6 +33,7 @@ MIN_AREA = 40  # pixels; a 24 px triangle covers about 290
 BLOTCH_DISTANCE = 80.0  # RGB distance from the colour a pixel should have
 BLOTCH_MIN_PIXELS = 4
 EDGE = 2  # pixels either side of the shape's edge that may blend the two colours
+CIRCLE_FILL = (0.74, 0.83)  # a true circle's fill of its bounding box (pi/4 = 0.785), sharp or blurred
 
 
 class Verdict(NamedTuple):
