@@ -19,6 +19,12 @@ the same weights are written once to ``--workdir``. diffusers is a benchmark-onl
   from the bf16 ``.safetensors`` (weights stored as computed).
 * ``load``: peak RSS of loading alone, per checkpoint format and weight dtype.
 * ``big``: a 1024x1024 text-to-image run of ours (peak RSS; ``--big-steps`` steps).
+* ``optimum`` (with ``--optimum-python``): OpenVINO's own Stable Diffusion pipeline (optimum-intel's
+  ``OVStableDiffusionPipeline``), exported once from the same diffusers folder and reshaped to static shapes, run
+  by the interpreter of an environment that has it (its pins clash with ours: ``transformers<5.6``). Fresh
+  processes alternating with ours: UNet step (batch 2) and VAE decode medians, then text-to-image end to end with
+  an empty OpenVINO model cache (compile included) and with the cache filled; each ``--precisions`` entry
+  (bf16 through OpenVINO's inference-precision hint, where the CPU computes bf16).
 
 Timings are medians over ``--repeats``; no assertion is made. The machine's load (other processes) is
 recorded with the table, since it moves absolute numbers (ratios are taken within one alternating run).
@@ -30,6 +36,7 @@ import importlib.util
 import json
 import os
 import platform
+import shutil
 import statistics
 import subprocess
 import sys
@@ -403,6 +410,57 @@ print(json.dumps({{"wall": done - start, "load": loaded - start, "generate": don
                   "mean": float(image.mean())}}))
 """
 
+CHILD_OPTIMUM = r"""
+import json, os, sys, time
+start = time.perf_counter()
+mode, folder, size, steps, precision, cache, repeats = sys.argv[1:8]
+size, steps, repeats = int(size), int(steps), int(repeats)
+import numpy as np
+from optimum.intel import OVStableDiffusionPipeline
+
+def rss():
+    return next(int(l.split()[1]) * 1024 for l in open("/proc/self/status") if l.startswith("VmHWM:"))
+
+if mode == "export":  # the diffusers folder -> OpenVINO IR folder, once
+    pipe = OVStableDiffusionPipeline.from_pretrained(sys.argv[8], export=True, compile=False, local_files_only=True)
+    pipe.save_pretrained(folder)
+    print(json.dumps({{"export": time.perf_counter() - start, "rss": rss()}}))
+    sys.exit(0)
+hint = {{"full": "f32", "bf16": "bf16"}}[precision]
+pipe = OVStableDiffusionPipeline.from_pretrained(folder, compile=False, local_files_only=True,
+                                                 ov_config={{"CACHE_DIR": cache, "INFERENCE_PRECISION_HINT": hint}})
+pipe.reshape(batch_size=1, height=size, width=size, num_images_per_prompt=1)
+pipe.compile()
+pipe.set_progress_bar_config(disable=True)
+loaded = time.perf_counter()
+result = {{"load": loaded - start}}
+if mode == "e2e":
+    image = pipe("{prompt}", height=size, width=size, num_inference_steps=steps, guidance_scale=7.5,
+                 output_type="np").images
+    done = time.perf_counter()
+    result.update({{"wall": done - start, "generate": done - loaded, "mean": float(np.mean(image))}})
+else:  # parts: UNet step (classifier-free guidance: batch 2) and VAE decode, as the pipeline calls them
+    rng = np.random.default_rng(0)
+    channels, width = pipe.unet.config["in_channels"], pipe.unet.config["cross_attention_dim"]
+    latent = rng.standard_normal((2, channels, size // 8, size // 8)).astype(np.float32)
+    context = rng.standard_normal((2, 77, width)).astype(np.float32)
+    port = next(p for p in pipe.unet.model.inputs if p.get_any_name() == "timestep")  # its rank and type
+    t = np.full([1] * port.get_partial_shape().rank.get_length(), 500, dtype=port.get_element_type().to_dtype())
+    z = rng.standard_normal((1, channels, size // 8, size // 8)).astype(np.float32)
+    unet = lambda: pipe.unet(sample=latent, timestep=t, encoder_hidden_states=context)
+    decode = lambda: pipe.vae_decoder(latent_sample=z)
+    unet(), decode()  # first calls (warm-up)
+    times = {{"unet": [], "decode": []}}
+    for _ in range(repeats):
+        for name, fn in (("unet", unet), ("decode", decode)):
+            t0 = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - t0)
+    result["times"] = times
+result["rss"] = rss()
+print(json.dumps(result))
+"""
+
 CHILD_LOAD = r"""
 import json, sys, time
 import torch
@@ -427,9 +485,10 @@ print(json.dumps({"rss": hwm}))
 """
 
 
-def run_child(code_or_args: list[str], env: dict | None = None, timeout: int = 3600) -> dict:
-    out = subprocess.run([sys.executable, *code_or_args], cwd=ROOT, capture_output=True, text=True, env=env,
-                         timeout=timeout)
+def run_child(code_or_args: list[str], env: dict | None = None, timeout: int = 3600,
+              python: str | None = None) -> dict:
+    out = subprocess.run([python or sys.executable, *code_or_args], cwd=ROOT, capture_output=True, text=True,
+                         env=env, timeout=timeout)
     if out.returncode != 0:
         raise RuntimeError(f"benchmark child failed ({code_or_args[:3]}):\n{out.stderr[-3000:]}")
     return json.loads(out.stdout.strip().splitlines()[-1])
@@ -446,6 +505,38 @@ def e2e(args, paths, precision: str) -> dict[str, list[dict]]:
         if precision == "bf16":  # ours also from weights stored in bf16 (scripts/convert_ckpt.py)
             runs.setdefault("ours_bf16_file", []).append(run_child(["-c", ours_code, str(paths["bf16"]), *common]))
     return runs
+
+
+def optimum_runs(args, paths, child_args) -> dict:
+    """OpenVINO's own pipeline (optimum-intel, ``--optimum-python``) against ours, fresh processes alternating."""
+    folder = args.workdir / "optimum-sd-v1-det"
+
+    def optimum(*argv: str, timeout: int = 7200) -> dict:
+        return run_child(["-c", CHILD_OPTIMUM.format(prompt=PROMPT), *argv], timeout=timeout,
+                         python=args.optimum_python)
+
+    result: dict = {}
+    if not (folder / "model_index.json").exists():
+        print(f"  exporting {paths['diffusers'].name} with optimum-intel ...", flush=True)
+        result["export"] = optimum("export", str(folder), "0", "0", "full", "", "0", str(paths["diffusers"]))
+    ours_code = CHILD_E2E_OURS.format(config=CONFIG, prompt=PROMPT)
+    for precision in args.precisions.split(","):
+        r: dict = {"parts": optimum("parts", str(folder), str(args.size), "0", precision,
+                                    str(args.workdir / f"optimum-cache-{precision}"), str(args.repeats))}
+        runs: dict = {"ours": [], "optimum_first": [], "optimum_cached": []}
+        for _ in range(args.e2e_repeats):
+            cache = args.workdir / f"optimum-cache-e2e-{precision}"
+            shutil.rmtree(cache, ignore_errors=True)
+            common = [str(args.size), str(args.steps), precision]
+            runs["ours"].append(run_child(["-c", ours_code, str(paths["ckpt"]), *common, "cpu"]))
+            runs["optimum_first"].append(optimum("e2e", str(folder), *common, str(cache), "0"))
+            runs["optimum_cached"].append(optimum("e2e", str(folder), *common, str(cache), "0"))
+        r["e2e"] = runs
+        result[precision] = r
+        print(f"  optimum {precision}: e2e ours {med([x['wall'] for x in runs['ours']]):.0f} s, OpenVINO first "
+              f"{med([x['wall'] for x in runs['optimum_first']]):.0f} s, cached "
+              f"{med([x['wall'] for x in runs['optimum_cached']]):.0f} s", flush=True)
+    return result
 
 
 def child_info(args, paths) -> dict:
@@ -568,6 +659,8 @@ def write_report(results: dict, args, out_dir: Path) -> str:
             lines.append(f"- {dtype}: compile and first call {r['compile']:.0f} s; step {med(r['compiled']):.2f} s "
                          f"compiled, {med(r['eager']):.2f} s eager ({med(r['compiled']) / med(r['eager']):.2f}); "
                          f"{_payback(r)}.")
+    if "optimum" in results:
+        lines += optimum_report(results, args)
     snap = results["load_before"], results["load_after"]
     lines += ["", f"Machine load during the run: load average {' '.join(snap[0]['loadavg'])} before, "
                   f"{' '.join(snap[1]['loadavg'])} after; other busy processes: "
@@ -582,6 +675,39 @@ def write_report(results: dict, args, out_dir: Path) -> str:
     (out_dir / "benchmark.json").write_text(json.dumps(results, indent=1, default=str))
     draw_chart(rows, out_dir / "benchmark.png", f"{size}, {m['cpu']}, {m['cores']} cores")
     return text
+
+
+def optimum_report(results: dict, args) -> list[str]:
+    """Ours against OpenVINO's own pipeline (optimum-intel): steps, decode, end to end first and cached."""
+    opt = results["optimum"]
+    lines = ["", "## Against OpenVINO's own pipeline (optimum-intel, static shapes)", ""]
+    if "export" in opt:
+        lines.append(f"Export of the diffusers folder to OpenVINO IR (once): {opt['export']['export']:.0f} s, "
+                     f"peak RSS {opt['export']['rss'] / GIB:.2f} GB.")
+    lines += ["", "| measure | ours | OpenVINO (optimum) | ours / OpenVINO |", "|---|---:|---:|---:|"]
+    for precision, label, dtype in (("full", "fp32", "float32"), ("bf16", "bf16", "bfloat16")):
+        r = opt.get(precision)
+        if not r:
+            continue
+        pairs = []
+        unet, vae = results.get("unet", {}).get(dtype), results.get("vae", {}).get(dtype)
+        if unet:
+            pairs.append((f"UNet step, batch 2 ({label})", med(unet["ours"]), med(r["parts"]["times"]["unet"]), "s"))
+        if vae:
+            pairs.append((f"VAE decode ({label})", med(vae["ours"]), med(r["parts"]["times"]["decode"]), "s"))
+        runs = r["e2e"]
+        ours_wall = med([x["wall"] for x in runs["ours"]])
+        pairs += [(f"txt2img wall, OpenVINO's first run ({label})", ours_wall,
+                   med([x["wall"] for x in runs["optimum_first"]]), "s"),
+                  (f"txt2img wall, OpenVINO cached ({label})", ours_wall,
+                   med([x["wall"] for x in runs["optimum_cached"]]), "s"),
+                  (f"txt2img peak RSS ({label})", max(x["rss"] for x in runs["ours"]) / GIB,
+                   max(x["rss"] for x in runs["optimum_first"] + runs["optimum_cached"]) / GIB, "GB")]
+        for name, ours, theirs, unit in pairs:
+            lines.append(f"| {name} | {ours:.2f} {unit} | {theirs:.2f} {unit} | **{ours / theirs:.2f}** |")
+    lines += ["", "OpenVINO runs in fresh processes of its own environment, alternating with ours; its UNet step and "
+                  "decode are medians of its own rounds, ours those of the in-process part above."]
+    return lines
 
 
 def _payback(r: dict) -> str:
@@ -634,6 +760,8 @@ def main() -> None:
     parser.add_argument("--precisions", default="full,bf16", help="end-to-end precisions on CPU")
     parser.add_argument("--no-original", dest="original", action="store_false")
     parser.add_argument("--quick", action="store_true", help="256x256, 2 steps, 1 round: a smoke test")
+    parser.add_argument("--optimum-python", help="python of an environment with optimum-intel[openvino]: adds "
+                        "OpenVINO's own pipeline as a peer (part 'optimum')")
     parser.add_argument("--workdir", type=Path, default=Path(os.environ.get("TMPDIR", "/tmp")) / "ldm-benchmark")
     parser.add_argument("--out", type=Path, default=ROOT / "docs")
     parser.add_argument("--child", choices=["unet", "vae", "compile", "info"], help=argparse.SUPPRESS)
@@ -685,6 +813,9 @@ def main() -> None:
         r = run_child(["-c", code, str(paths["ckpt"]), str(args.big_size), str(args.big_steps), args.big_precision,
                        args.device])
         results["big"] = {**r, "precision": args.big_precision, "steps": args.big_steps}
+    if args.optimum_python and ("optimum" in parts or args.parts == parser.get_default("parts")):
+        print("optimum ...", flush=True)
+        results["optimum"] = optimum_runs(args, paths, child_args)
     results["load_after"] = load_snapshot()
     print(write_report(results, args, args.out))
 
