@@ -136,7 +136,8 @@ def child_openvino(args, config: Path, ckpt: Path) -> dict:
     start = time.perf_counter()
     model = load_torch(config, ckpt, "float32")
     loaded = time.perf_counter() - start
-    ov_model = OpenVINOModel(model, precision=args.precision, cache_dir=args.cache, release_weights=release_file_pages)
+    ov_model = OpenVINOModel(model, precision=args.precision, cache_dir=args.cache, release_weights=release_file_pages,
+                             say=lambda message: print(message, file=sys.stderr))
     x = inputs(model, args.size)
     result = {"torch_load": loaded, "parts": {}}
     with torch.no_grad():
@@ -144,6 +145,7 @@ def child_openvino(args, config: Path, ckpt: Path) -> dict:
             first, second = timed(call), timed(call)
             result["parts"][name] = {"first": first, "second": second, "rss": peak_rss()}
     result["conversions"] = {p.name: p.conversions for p in ov_model.parts}
+    result["code"] = {p.name: p.code[:16] for p in ov_model.parts}  # part of the cache key: the source it runs
     result["wall"] = time.perf_counter() - start
     return result
 
@@ -222,7 +224,8 @@ def run_child(args, name: str) -> dict:
     if out.returncode != 0:
         raise RuntimeError(f"benchmark child {name} failed:\n{out.stderr[-4000:]}")
     result = json.loads(out.stdout.strip().splitlines()[-1])
-    result.update({"process_wall": time.perf_counter() - start, "load_before": before, "load_after": machine_load()})
+    result.update({"process_wall": time.perf_counter() - start, "load_before": before, "load_after": machine_load(),
+                   "notices": [line for line in out.stderr.splitlines() if "notice" in line or "converting" in line]})
     print(f"  {name}: {result['process_wall']:.0f} s, load {before['loadavg']} -> {result['load_after']['loadavg']}",
           flush=True)
     return result
@@ -262,6 +265,14 @@ def report(results: dict) -> str:
             cells = [f"{r['parts'][p]['first']:.1f} s ({r['parts'][p]['second']:.1f} s)" for p in results["parts"]]
             peak = max(v["rss"] for v in r["parts"].values())
             lines.append(f"| {label} | " + " | ".join(cells) + f" | {peak / GB:.2f} GB | {r['process_wall']:.0f} s |")
+    load, convert = results.get("load"), results.get("convert")
+    if load and any(load["conversions"].values()):
+        changed = [p for p in load["conversions"] if convert and load.get("code", {}).get(p) != convert.get("code",
+                   {}).get(p)]
+        lines += ["", "**The cache-filled process converted again**: " + ", ".join(
+            p for p, n in load["conversions"].items() if n) + (
+            f" (the source of {', '.join(changed)} changed between the two processes: an edit during the run)"
+            if changed else " (same source: see its notices)")]
     lines += ["", f"Cache on disk: {results['cache_bytes'] / GB:.2f} GB. Machine load per part: " + "; ".join(
         f"{k} {results[k]['load_before']['loadavg']} -> {results[k]['load_after']['loadavg']} "
         f"(busy: {len(results[k]['load_after']['busy'])})" for k in ("convert", "load", "torch", "steps")
