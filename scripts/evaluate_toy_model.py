@@ -43,7 +43,8 @@ def generate(ckpt: Path, config: Path, sampler: str, scale: float, precision: st
            "--precision", precision, "--skip_grid", "--outdir", str(outdir), *flag]
     result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
     if result.returncode != 0:
-        raise SystemExit(f"evaluate_toy_model.py: txt2img failed: {result.stderr.strip().splitlines()[-1:]}")
+        last = (result.stderr.strip().splitlines() or ["no message"])[-1]
+        raise SystemExit(f"evaluate_toy_model.py: txt2img failed: {last}")
     files = sorted((outdir / "samples").glob("*.png"))
     return [np.asarray(Image.open(f).convert("RGB")) for f in files]
 
