@@ -24,7 +24,13 @@ the same weights are written once to ``--workdir``. diffusers is a benchmark-onl
   by the interpreter of an environment that has it (its pins clash with ours: ``transformers<5.6``). Fresh
   processes alternating with ours: UNet step (batch 2) and VAE decode medians, then text-to-image end to end with
   an empty OpenVINO model cache (compile included) and with the cache filled; each ``--precisions`` entry
-  (bf16 through OpenVINO's inference-precision hint, where the CPU computes bf16).
+  (bf16 through OpenVINO's inference-precision hint, where the CPU computes bf16). Where ``openvino`` is
+  installed here, ours runs on both backends: ``--backend openvino`` end to end with an empty and a filled model
+  cache too, and its UNet step and decode rounds from that cache. ``optimum_steps``: only the step and decode
+  rounds, from the model caches an earlier ``optimum`` run left in ``--workdir``.
+* ``sdcpp`` (with ``--sdcpp-python``): stable-diffusion.cpp through its Python binding
+  (``stable-diffusion-cpp-python``, built for this CPU), from the same ``.ckpt``, fp32, in fresh processes
+  alternating with ours: its guided UNet step and decode as its log times them, end to end wall and peak RSS.
 
 Timings are medians over ``--repeats``; no assertion is made. The machine's load (other processes) is
 recorded with the table, since it moves absolute numbers (ratios are taken within one alternating run).
@@ -353,8 +359,9 @@ def _each_dtype(args, paths, rounds) -> dict:
     from ldm.backend.memory import tuned_allocator
 
     with tuned_allocator():  # both implementations run in this process: the same allocator for all
-        return {name: rounds(args, paths, getattr(torch, name))
-                for name in (["float32", "bfloat16"] if args.device == "cpu" else ["float16"])}
+        names = ([{"full": "float32", "bf16": "bfloat16"}[p] for p in args.precisions.split(",")]
+                 if args.device == "cpu" else ["float16"])
+        return {name: rounds(args, paths, getattr(torch, name)) for name in names}
 
 
 def _vae_rounds(args, paths, dtype) -> dict:
@@ -375,10 +382,12 @@ CHILD_E2E_OURS = r"""
 import json, sys, time
 start = time.perf_counter()
 ckpt, size, steps, precision, device = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4], sys.argv[5]
+backend = sys.argv[6] if len(sys.argv) > 6 else "auto"
 import torch
 from ldm.backend.memory import release_library_pages, tuned_allocator
 from ldm.inference.pipeline import Settings, load_pipeline
-pipe = load_pipeline("{config}", ckpt, device=device, precision=precision, safety_checker="off", say=lambda m: None)
+pipe = load_pipeline("{config}", ckpt, device=device, precision=precision, safety_checker="off", say=lambda m: None,
+                     backend=backend)
 if pipe.device.type == "cpu":  # as the scripts run it (ldm.app.run)
     tuned_allocator().__enter__()
     release_library_pages()
@@ -461,6 +470,57 @@ result["rss"] = rss()
 print(json.dumps(result))
 """
 
+CHILD_SDCPP = r"""
+import io, json, re, sys, time
+start = time.perf_counter()
+ckpt, size, steps = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+from stable_diffusion_cpp import StableDiffusion
+log = io.StringIO()
+sys.stderr = log  # its log (verbose) names each stage's time
+sd = StableDiffusion(model_path=ckpt, verbose=True)
+loaded = time.perf_counter()
+image = sd.generate_image(prompt="{prompt}", width=size, height=size, sample_steps=steps, cfg_scale=7.5,
+                          sample_method="euler", seed=42)[0]
+done = time.perf_counter()
+sys.stderr = sys.__stderr__
+stage = lambda name: float(re.findall(name + r" completed, taking ([0-9.]+)s", log.getvalue())[-1])
+hwm = next(int(l.split()[1]) * 1024 for l in open("/proc/self/status") if l.startswith("VmHWM:"))
+print(json.dumps({{"wall": done - start, "load": loaded - start, "generate": done - loaded, "rss": hwm,
+                  "step": stage("sampling") / steps, "decode": stage("decode_first_stage"),
+                  "mean": float(sum(image.convert("L").getdata()) / (size * size))}}))
+"""
+
+CHILD_OURS_PARTS = r"""
+import json, sys, time
+import torch
+from ldm.backend.memory import tuned_allocator
+from ldm.inference.pipeline import load_pipeline
+ckpt, size, precision, repeats, backend = sys.argv[1], int(sys.argv[2]), sys.argv[3], int(sys.argv[4]), sys.argv[5]
+pipe = load_pipeline("{config}", ckpt, device="cpu", precision=precision, safety_checker="off", say=lambda m: None,
+                     backend=backend)
+model, gen = pipe.model, torch.Generator().manual_seed(0)
+for part in pipe.part_weights:  # torch: every part in use, as while the pipeline runs it
+    part.use()
+dtype = pipe.precision.weight_dtype if backend == "torch" else torch.float32
+x = torch.randn(2, 4, size // 8, size // 8, generator=gen).to(dtype)
+z = torch.randn(1, 4, size // 8, size // 8, generator=gen).to(dtype)
+t = torch.tensor([500, 500])
+with torch.no_grad():
+    context = model.get_learned_conditioning(["{prompt}", ""])
+fns = {{"unet": lambda: model.apply_model(x, t, context), "decode": lambda: model.decode_first_stage(z)}}
+times = {{name: [] for name in fns}}
+with tuned_allocator(), torch.no_grad():
+    for fn in fns.values():  # first calls: OpenVINO compiles from its cache, torch packs its kernels
+        fn()
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            start = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - start)
+hwm = next(int(l.split()[1]) * 1024 for l in open("/proc/self/status") if l.startswith("VmHWM:"))
+print(json.dumps({{"times": times, "rss": hwm}}))
+"""
+
 CHILD_LOAD = r"""
 import json, sys, time
 import torch
@@ -507,8 +567,9 @@ def e2e(args, paths, precision: str) -> dict[str, list[dict]]:
     return runs
 
 
-def optimum_runs(args, paths, child_args) -> dict:
-    """OpenVINO's own pipeline (optimum-intel, ``--optimum-python``) against ours, fresh processes alternating."""
+def optimum_runs(args, paths, child_args, steps_only: bool = False) -> dict:
+    """OpenVINO's own pipeline (optimum-intel, ``--optimum-python``) against ours, fresh processes alternating.
+    ``steps_only``: only the UNet step and decode rounds, from the model caches an earlier run filled."""
     folder = args.workdir / "optimum-sd-v1-det"
 
     def optimum(*argv: str, timeout: int = 7200) -> dict:
@@ -520,28 +581,64 @@ def optimum_runs(args, paths, child_args) -> dict:
         print(f"  exporting {paths['diffusers'].name} with optimum-intel ...", flush=True)
         result["export"] = optimum("export", str(folder), "0", "0", "full", "", "0", str(paths["diffusers"]))
     ours_code = CHILD_E2E_OURS.format(config=CONFIG, prompt=PROMPT)
+    with_openvino = importlib.util.find_spec("openvino") is not None  # ours with --backend openvino as well
     for precision in args.precisions.split(","):
-        r: dict = {"parts": optimum("parts", str(folder), str(args.size), "0", precision,
-                                    str(args.workdir / f"optimum-cache-{precision}"), str(args.repeats))}
+        r: dict = {}
         runs: dict = {"ours": [], "optimum_first": [], "optimum_cached": []}
-        for _ in range(args.e2e_repeats):
+        # our OpenVINO backend's model cache, emptied like OpenVINO's for each first run
+        ov_env = {**os.environ, "XDG_CACHE_HOME": str(args.workdir / f"ours-openvino-cache-{precision}")}
+        for _ in range(0 if steps_only else args.e2e_repeats):
             cache = args.workdir / f"optimum-cache-e2e-{precision}"
             shutil.rmtree(cache, ignore_errors=True)
             common = [str(args.size), str(args.steps), precision]
             runs["ours"].append(run_child(["-c", ours_code, str(paths["ckpt"]), *common, "cpu"]))
             runs["optimum_first"].append(optimum("e2e", str(folder), *common, str(cache), "0"))
             runs["optimum_cached"].append(optimum("e2e", str(folder), *common, str(cache), "0"))
+            if with_openvino:
+                shutil.rmtree(ov_env["XDG_CACHE_HOME"], ignore_errors=True)
+                for key in ("ours_openvino_first", "ours_openvino_cached"):
+                    runs.setdefault(key, []).append(
+                        run_child(["-c", ours_code, str(paths["ckpt"]), *common, "cpu", "openvino"], env=ov_env))
+        # UNet step and decode rounds, each implementation in a process of its own (OpenVINO from the caches the
+        # runs above filled), alternating
+        parts_code = CHILD_OURS_PARTS.format(config=CONFIG, prompt=PROMPT)
+        parts_args = [str(paths["ckpt"]), str(args.size), precision, str(args.repeats)]
+        for _ in range(args.e2e_repeats):
+            r.setdefault("optimum_parts", []).append(
+                optimum("parts", str(folder), str(args.size), "0", precision,
+                        str(args.workdir / f"optimum-cache-{precision}"), str(args.repeats)))
+            r.setdefault("ours_parts", []).append(run_child(["-c", parts_code, *parts_args, "torch"]))
+            if with_openvino:
+                r.setdefault("ours_openvino_parts", []).append(
+                    run_child(["-c", parts_code, *parts_args, "openvino"], env=ov_env))
         r["e2e"] = runs
         result[precision] = r
-        print(f"  optimum {precision}: e2e ours {med([x['wall'] for x in runs['ours']]):.0f} s, OpenVINO first "
-              f"{med([x['wall'] for x in runs['optimum_first']]):.0f} s, cached "
-              f"{med([x['wall'] for x in runs['optimum_cached']]):.0f} s", flush=True)
+        if runs["ours"]:
+            print(f"  optimum {precision}: e2e ours {med([x['wall'] for x in runs['ours']]):.0f} s, OpenVINO first "
+                  f"{med([x['wall'] for x in runs['optimum_first']]):.0f} s, cached "
+                  f"{med([x['wall'] for x in runs['optimum_cached']]):.0f} s", flush=True)
     return result
+
+
+def sdcpp_runs(args, paths) -> dict:
+    """stable-diffusion.cpp (its Python binding, ``--sdcpp-python``) from the same .ckpt against ours, fresh
+    processes alternating, fp32: UNet step and decode from its own log, end to end wall and peak RSS."""
+    ours_code = CHILD_E2E_OURS.format(config=CONFIG, prompt=PROMPT)
+    runs: dict = {"ours": [], "sdcpp": []}
+    for _ in range(args.e2e_repeats):
+        common = [str(args.size), str(args.steps)]
+        runs["ours"].append(run_child(["-c", ours_code, str(paths["ckpt"]), *common, "full", "cpu"]))
+        runs["sdcpp"].append(run_child(["-c", CHILD_SDCPP.format(prompt=PROMPT), str(paths["ckpt"]), *common],
+                                       python=args.sdcpp_python))
+    print(f"  stable-diffusion.cpp: e2e ours {med([x['wall'] for x in runs['ours']]):.0f} s, sd.cpp "
+          f"{med([x['wall'] for x in runs['sdcpp']]):.0f} s", flush=True)
+    return runs
 
 
 def child_info(args, paths) -> dict:
     """The machine, and its matmul peak per dtype."""
-    return {"machine": machine(), "peaks": {d: matmul_peak(d) for d in ("float32", "bfloat16")}}
+    dtypes = [{"full": "float32", "bf16": "bfloat16"}[p] for p in args.precisions.split(",")]
+    return {"machine": machine(), "peaks": {d: matmul_peak(d) for d in dtypes}}
 
 
 def matmul_peak(dtype_name: str) -> float:
@@ -661,6 +758,8 @@ def write_report(results: dict, args, out_dir: Path) -> str:
                          f"{_payback(r)}.")
     if "optimum" in results:
         lines += optimum_report(results, args)
+    if "sdcpp" in results:
+        lines += sdcpp_report(results)
     snap = results["load_before"], results["load_after"]
     lines += ["", f"Machine load during the run: load average {' '.join(snap[0]['loadavg'])} before, "
                   f"{' '.join(snap[1]['loadavg'])} after; other busy processes: "
@@ -678,35 +777,72 @@ def write_report(results: dict, args, out_dir: Path) -> str:
 
 
 def optimum_report(results: dict, args) -> list[str]:
-    """Ours against OpenVINO's own pipeline (optimum-intel): steps, decode, end to end first and cached."""
+    """Ours (torch backend, and OpenVINO backend where measured) against OpenVINO's own pipeline (optimum-intel):
+    steps, decode, end to end first and cached, peak RSS."""
     opt = results["optimum"]
     lines = ["", "## Against OpenVINO's own pipeline (optimum-intel, static shapes)", ""]
     if "export" in opt:
         lines.append(f"Export of the diffusers folder to OpenVINO IR (once): {opt['export']['export']:.0f} s, "
                      f"peak RSS {opt['export']['rss'] / GIB:.2f} GB.")
-    lines += ["", "| measure | ours | OpenVINO (optimum) | ours / OpenVINO |", "|---|---:|---:|---:|"]
+    lines += ["", "| measure | ours, torch | ours, `--backend openvino` | OpenVINO (optimum) | torch / optimum | "
+                  "ours openvino / optimum |", "|---|---:|---:|---:|---:|---:|"]
+
+    def wall(runs: dict, key: str) -> float | None:
+        return med([x["wall"] for x in runs[key]]) if runs.get(key) else None
+
+    def rss(runs: dict, *keys: str) -> float | None:
+        values = [x["rss"] for key in keys for x in runs.get(key, [])]
+        return max(values) / GIB if values else None
+
     for precision, label, dtype in (("full", "fp32", "float32"), ("bf16", "bf16", "bfloat16")):
         r = opt.get(precision)
         if not r:
             continue
-        pairs = []
-        unet, vae = results.get("unet", {}).get(dtype), results.get("vae", {}).get(dtype)
-        if unet:
-            pairs.append((f"UNet step, batch 2 ({label})", med(unet["ours"]), med(r["parts"]["times"]["unet"]), "s"))
-        if vae:
-            pairs.append((f"VAE decode ({label})", med(vae["ours"]), med(r["parts"]["times"]["decode"]), "s"))
+        def part(key: str, name: str) -> float | None:  # median over every round of every process
+            return med([t for x in r[key] for t in x["times"][name]]) if r.get(key) else None
+
         runs = r["e2e"]
-        ours_wall = med([x["wall"] for x in runs["ours"]])
-        pairs += [(f"txt2img wall, OpenVINO's first run ({label})", ours_wall,
-                   med([x["wall"] for x in runs["optimum_first"]]), "s"),
-                  (f"txt2img wall, OpenVINO cached ({label})", ours_wall,
-                   med([x["wall"] for x in runs["optimum_cached"]]), "s"),
-                  (f"txt2img peak RSS ({label})", max(x["rss"] for x in runs["ours"]) / GIB,
-                   max(x["rss"] for x in runs["optimum_first"] + runs["optimum_cached"]) / GIB, "GB")]
-        for name, ours, theirs, unit in pairs:
-            lines.append(f"| {name} | {ours:.2f} {unit} | {theirs:.2f} {unit} | **{ours / theirs:.2f}** |")
-    lines += ["", "OpenVINO runs in fresh processes of its own environment, alternating with ours; its UNet step and "
-                  "decode are medians of its own rounds, ours those of the in-process part above."]
+        rows = [(f"UNet step, batch 2 ({label})", part("ours_parts", "unet"), part("ours_openvino_parts", "unet"),
+                 part("optimum_parts", "unet"), "s"),
+                (f"VAE decode ({label})", part("ours_parts", "decode"), part("ours_openvino_parts", "decode"),
+                 part("optimum_parts", "decode"), "s"),
+                (f"txt2img wall, first run: empty model cache ({label})", wall(runs, "ours"),
+                 wall(runs, "ours_openvino_first"), wall(runs, "optimum_first"), "s"),
+                (f"txt2img wall, model cache filled ({label})", wall(runs, "ours"),
+                 wall(runs, "ours_openvino_cached"), wall(runs, "optimum_cached"), "s"),
+                (f"txt2img peak RSS ({label})", rss(runs, "ours"), rss(runs, "ours_openvino_first",
+                 "ours_openvino_cached"), rss(runs, "optimum_first", "optimum_cached"), "GB")]
+        for name, ours, ours_ov, theirs, unit in rows:
+            cells = [f"{v:.2f} {unit}" if v is not None else "-" for v in (ours, ours_ov, theirs)]
+            ratios = [f"**{v / theirs:.2f}**" if v is not None else "-" for v in (ours, ours_ov)]
+            lines.append(f"| {name} | {' | '.join(cells)} | {' | '.join(ratios)} |")
+    lines += ["", "OpenVINO's pipeline runs in fresh processes of its own environment, alternating with ours. UNet "
+                  "step and decode: medians of the rounds of one process per implementation holding only its own "
+                  "model (OpenVINO's from the model caches the end-to-end runs filled), the processes alternating. "
+                  "The torch backend has no model cache: its first and later runs are one figure."]
+    return lines
+
+
+def sdcpp_report(results: dict) -> list[str]:
+    """Ours against stable-diffusion.cpp (fp32): its step and decode as its log times them, end to end."""
+    runs = results["sdcpp"]
+    unet, vae = results.get("unet", {}).get("float32"), results.get("vae", {}).get("float32")
+    rows = [("UNet step, guided (fp32)", med(unet["ours"]) if unet else None, med([x["step"] for x in runs["sdcpp"]]),
+             "s"),
+            ("VAE decode (fp32)", med(vae["ours"]) if vae else None, med([x["decode"] for x in runs["sdcpp"]]), "s"),
+            ("txt2img wall (fp32)", med([x["wall"] for x in runs["ours"]]), med([x["wall"] for x in runs["sdcpp"]]),
+             "s"),
+            ("txt2img peak RSS (fp32)", max(x["rss"] for x in runs["ours"]) / GIB,
+             max(x["rss"] for x in runs["sdcpp"]) / GIB, "GB")]
+    lines = ["", "## Against stable-diffusion.cpp (fp32, from the same .ckpt)", "",
+             "| measure | ours | stable-diffusion.cpp | ours / sd.cpp |", "|---|---:|---:|---:|"]
+    for name, ours, theirs, unit in rows:
+        cell = f"{ours:.2f} {unit}" if ours is not None else "-"
+        ratio = f"**{ours / theirs:.2f}**" if ours is not None else "-"
+        lines.append(f"| {name} | {cell} | {theirs:.2f} {unit} | {ratio} |")
+    lines += ["", "stable-diffusion.cpp's step is its sampling time over the steps (Euler: one guided UNet evaluation "
+                  "per step, as DDIM) and its decode the time its log gives; it has no compiled-model cache, so its "
+                  "first run is every run."]
     return lines
 
 
@@ -757,11 +893,13 @@ def main() -> None:
     parser.add_argument("--big-steps", type=int, default=2)
     parser.add_argument("--big-precision", default="bf16")
     parser.add_argument("--device", default="cpu", help="cpu, or cuda (fp16 in place of fp32/bf16)")
-    parser.add_argument("--precisions", default="full,bf16", help="end-to-end precisions on CPU")
+    parser.add_argument("--precisions", default="full,bf16", help="precisions measured on CPU")
     parser.add_argument("--no-original", dest="original", action="store_false")
     parser.add_argument("--quick", action="store_true", help="256x256, 2 steps, 1 round: a smoke test")
     parser.add_argument("--optimum-python", help="python of an environment with optimum-intel[openvino]: adds "
                         "OpenVINO's own pipeline as a peer (part 'optimum')")
+    parser.add_argument("--sdcpp-python", help="python of an environment with stable-diffusion-cpp-python: adds "
+                        "stable-diffusion.cpp as a peer (part 'sdcpp')")
     parser.add_argument("--workdir", type=Path, default=Path(os.environ.get("TMPDIR", "/tmp")) / "ldm-benchmark")
     parser.add_argument("--out", type=Path, default=ROOT / "docs")
     parser.add_argument("--child", choices=["unet", "vae", "compile", "info"], help=argparse.SUPPRESS)
@@ -782,7 +920,8 @@ def main() -> None:
     # end-to-end children too (the kernel does not reclaim pages another process maps), unlike a user's run.
     parts = args.parts.split(",")
     child_args = [str(Path(__file__)), "--size", str(args.size), "--repeats", str(args.repeats), "--device",
-                  args.device, "--workdir", str(args.workdir)] + ([] if args.original else ["--no-original"])
+                  args.device, "--workdir", str(args.workdir), "--precisions", args.precisions]
+    child_args += [] if args.original else ["--no-original"]
     paths = asset_paths(args.workdir)
     if not assets_ready(paths):
         print(f"writing the benchmark's weights under {args.workdir} ...", flush=True)
@@ -813,9 +952,13 @@ def main() -> None:
         r = run_child(["-c", code, str(paths["ckpt"]), str(args.big_size), str(args.big_steps), args.big_precision,
                        args.device])
         results["big"] = {**r, "precision": args.big_precision, "steps": args.big_steps}
-    if args.optimum_python and ("optimum" in parts or args.parts == parser.get_default("parts")):
+    steps_only = "optimum_steps" in parts and "optimum" not in parts
+    if args.optimum_python and ("optimum" in parts or steps_only or args.parts == parser.get_default("parts")):
         print("optimum ...", flush=True)
-        results["optimum"] = optimum_runs(args, paths, child_args)
+        results["optimum"] = optimum_runs(args, paths, child_args, steps_only)
+    if args.sdcpp_python and ("sdcpp" in parts or args.parts == parser.get_default("parts")):
+        print("stable-diffusion.cpp ...", flush=True)
+        results["sdcpp"] = sdcpp_runs(args, paths)
     results["load_after"] = load_snapshot()
     print(write_report(results, args, args.out))
 
