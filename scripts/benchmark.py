@@ -29,7 +29,8 @@ the same weights are written once to ``--workdir``. diffusers is a benchmark-onl
   cache too, and its UNet step and decode rounds from that cache. ``optimum_steps``: only the step and decode
   rounds, from the model caches an earlier ``optimum`` run left in ``--workdir``.
 * ``sdcpp`` (with ``--sdcpp-python``): stable-diffusion.cpp through its Python binding
-  (``stable-diffusion-cpp-python``, built for this CPU), from the same ``.ckpt``, fp32, in fresh processes
+  (``stable-diffusion-cpp-python``, built for this CPU), from the same weights (a ``.safetensors`` whose CLIP
+  tensors are named as it expects), fp32, in fresh processes
   alternating with ours: its guided UNet step and decode as its log times them, end to end wall and peak RSS.
 
 Timings are medians over ``--repeats``; no assertion is made. The machine's load (other processes) is
@@ -474,6 +475,7 @@ CHILD_SDCPP = r"""
 import io, json, re, sys, time
 start = time.perf_counter()
 ckpt, size, steps = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+import numpy as np
 from stable_diffusion_cpp import StableDiffusion
 log = io.StringIO()
 sys.stderr = log  # its log (verbose) names each stage's time
@@ -487,7 +489,19 @@ stage = lambda name: float(re.findall(name + r" completed, taking ([0-9.]+)s", l
 hwm = next(int(l.split()[1]) * 1024 for l in open("/proc/self/status") if l.startswith("VmHWM:"))
 print(json.dumps({{"wall": done - start, "load": loaded - start, "generate": done - loaded, "rss": hwm,
                   "step": stage("sampling") / steps, "decode": stage("decode_first_stage"),
-                  "mean": float(sum(image.convert("L").getdata()) / (size * size))}}))
+                  "mean": float(np.asarray(image.convert("L")).mean())}}))
+"""
+
+CHILD_SDCPP_WEIGHTS = r"""
+import json, sys
+from safetensors.torch import save_file
+from ldm.loading.checkpoint import read_state_dict
+prefix = "cond_stage_model.transformer."
+sd = read_state_dict(sys.argv[1])
+sd = {(prefix + "text_model." + k[len(prefix):] if k.startswith(prefix) and not k.startswith(prefix + "text_model.")
+       else k): v.contiguous() for k, v in sd.items()}
+save_file(sd, sys.argv[2])
+print(json.dumps({"tensors": len(sd)}))
 """
 
 CHILD_OURS_PARTS = r"""
@@ -624,11 +638,15 @@ def sdcpp_runs(args, paths) -> dict:
     """stable-diffusion.cpp (its Python binding, ``--sdcpp-python``) from the same .ckpt against ours, fresh
     processes alternating, fp32: UNet step and decode from its own log, end to end wall and peak RSS."""
     ours_code = CHILD_E2E_OURS.format(config=CONFIG, prompt=PROMPT)
+    theirs = args.workdir / "sd-v1-det-sdcpp.safetensors"
+    if not theirs.exists():  # the same tensors, named as its SD v1 detection expects (CLIP's "text_model.")
+        print(f"  writing {theirs.name}", flush=True)
+        run_child(["-c", CHILD_SDCPP_WEIGHTS, str(paths["ckpt"]), str(theirs)])
     runs: dict = {"ours": [], "sdcpp": []}
     for _ in range(args.e2e_repeats):
         common = [str(args.size), str(args.steps)]
         runs["ours"].append(run_child(["-c", ours_code, str(paths["ckpt"]), *common, "full", "cpu"]))
-        runs["sdcpp"].append(run_child(["-c", CHILD_SDCPP.format(prompt=PROMPT), str(paths["ckpt"]), *common],
+        runs["sdcpp"].append(run_child(["-c", CHILD_SDCPP.format(prompt=PROMPT), str(theirs), *common],
                                        python=args.sdcpp_python))
     print(f"  stable-diffusion.cpp: e2e ours {med([x['wall'] for x in runs['ours']]):.0f} s, sd.cpp "
           f"{med([x['wall'] for x in runs['sdcpp']]):.0f} s", flush=True)
@@ -712,6 +730,7 @@ def build_rows(results: dict) -> list[tuple]:
 
 
 def write_report(results: dict, args, out_dir: Path) -> str:
+    out_dir.mkdir(parents=True, exist_ok=True)
     rows = build_rows(results)
     m = results["machine"]
     size = f"{args.size}x{args.size}"
@@ -756,10 +775,9 @@ def write_report(results: dict, args, out_dir: Path) -> str:
             lines.append(f"- {dtype}: compile and first call {r['compile']:.0f} s; step {med(r['compiled']):.2f} s "
                          f"compiled, {med(r['eager']):.2f} s eager ({med(r['compiled']) / med(r['eager']):.2f}); "
                          f"{_payback(r)}.")
-    if "optimum" in results:
+    if "optimum" in results or "sdcpp" in results:
         lines += optimum_report(results, args)
-    if "sdcpp" in results:
-        lines += sdcpp_report(results)
+        draw_peer_chart(results, out_dir / "benchmark-peers.png", f"{size}, {m['cpu']}, {m['cores']} cores")
     snap = results["load_before"], results["load_after"]
     lines += ["", f"Machine load during the run: load average {' '.join(snap[0]['loadavg'])} before, "
                   f"{' '.join(snap[1]['loadavg'])} after; other busy processes: "
@@ -769,81 +787,91 @@ def write_report(results: dict, args, out_dir: Path) -> str:
               "`ldm.backend.memory.tuned_allocator()` for both implementations; the end-to-end child of ours calls "
               "it, diffusers' runs as it comes."]
     text = "\n".join(lines) + "\n"
-    out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "benchmark.md").write_text(text)
     (out_dir / "benchmark.json").write_text(json.dumps(results, indent=1, default=str))
     draw_chart(rows, out_dir / "benchmark.png", f"{size}, {m['cpu']}, {m['cores']} cores")
     return text
 
 
+OURS, OURS_OV, OPTIMUM, SDCPP = "ours (torch)", "ours (--backend openvino)", "OpenVINO (optimum)", "stable-diffusion.cpp"
+
+
+def _wall(runs: list[dict] | None) -> float | None:
+    return med([x["wall"] for x in runs]) if runs else None
+
+
+def _rss(*runs: list[dict] | None) -> float | None:
+    values = [x["rss"] for r in runs for x in (r or [])]
+    return max(values) / GIB if values else None
+
+
+def peer_figures(results: dict, precision: str) -> list[tuple[str, dict[str, float | None], str]]:
+    """(measure, {implementation: value}, unit) for ours on both backends, OpenVINO's pipeline and
+    stable-diffusion.cpp (fp32 only) at ``precision``, from the parts ``optimum`` and ``sdcpp``."""
+    r = results.get("optimum", {}).get(precision, {})
+    runs, sd = r.get("e2e", {}), (results.get("sdcpp", {}) if precision == "full" else {})
+
+    def part(key: str, name: str) -> float | None:  # median over every round of every process
+        return med([t for x in r[key] for t in x["times"][name]]) if r.get(key) else None
+
+    def sd_stage(name: str) -> float | None:
+        return med([x[name] for x in sd["sdcpp"]]) if sd.get("sdcpp") else None
+
+    ours_wall = _wall(runs.get("ours") or sd.get("ours"))
+    return [("UNet step, guided (batch 2)",
+             {OURS: part("ours_parts", "unet"), OURS_OV: part("ours_openvino_parts", "unet"),
+              OPTIMUM: part("optimum_parts", "unet"), SDCPP: sd_stage("step")}, "s"),
+            ("VAE decode",
+             {OURS: part("ours_parts", "decode"), OURS_OV: part("ours_openvino_parts", "decode"),
+              OPTIMUM: part("optimum_parts", "decode"), SDCPP: sd_stage("decode")}, "s"),
+            ("txt2img wall, first run (empty model cache)",
+             {OURS: ours_wall, OURS_OV: _wall(runs.get("ours_openvino_first")),
+              OPTIMUM: _wall(runs.get("optimum_first")), SDCPP: _wall(sd.get("sdcpp"))}, "s"),
+            ("txt2img wall, model cache filled",
+             {OURS: ours_wall, OURS_OV: _wall(runs.get("ours_openvino_cached")),
+              OPTIMUM: _wall(runs.get("optimum_cached")), SDCPP: _wall(sd.get("sdcpp"))}, "s"),
+            ("txt2img peak RSS",
+             {OURS: _rss(runs.get("ours"), sd.get("ours")),
+              OURS_OV: _rss(runs.get("ours_openvino_first"), runs.get("ours_openvino_cached")),
+              OPTIMUM: _rss(runs.get("optimum_first"), runs.get("optimum_cached")), SDCPP: _rss(sd.get("sdcpp"))},
+             "GB")]
+
+
 def optimum_report(results: dict, args) -> list[str]:
-    """Ours (torch backend, and OpenVINO backend where measured) against OpenVINO's own pipeline (optimum-intel):
-    steps, decode, end to end first and cached, peak RSS."""
-    opt = results["optimum"]
-    lines = ["", "## Against OpenVINO's own pipeline (optimum-intel, static shapes)", ""]
+    """Ours (torch backend, and OpenVINO backend where measured) against OpenVINO's own pipeline (optimum-intel)
+    and stable-diffusion.cpp: step, decode, end to end first and cached, peak RSS; ratios to OpenVINO's."""
+    opt = results.get("optimum", {})
+    lines = ["", "## Against OpenVINO's own pipeline (optimum-intel, static shapes) and stable-diffusion.cpp", ""]
     if "export" in opt:
         lines.append(f"Export of the diffusers folder to OpenVINO IR (once): {opt['export']['export']:.0f} s, "
                      f"peak RSS {opt['export']['rss'] / GIB:.2f} GB.")
-    lines += ["", "| measure | ours, torch | ours, `--backend openvino` | OpenVINO (optimum) | torch / optimum | "
-                  "ours openvino / optimum |", "|---|---:|---:|---:|---:|---:|"]
-
-    def wall(runs: dict, key: str) -> float | None:
-        return med([x["wall"] for x in runs[key]]) if runs.get(key) else None
-
-    def rss(runs: dict, *keys: str) -> float | None:
-        values = [x["rss"] for key in keys for x in runs.get(key, [])]
-        return max(values) / GIB if values else None
-
-    for precision, label, dtype in (("full", "fp32", "float32"), ("bf16", "bf16", "bfloat16")):
-        r = opt.get(precision)
-        if not r:
+    names = [OURS, OURS_OV, OPTIMUM, SDCPP]
+    others = [n for n in names if n != OPTIMUM]
+    lines += ["", "| measure | " + " | ".join(names) + " | " + " | ".join(f"{n} / optimum" for n in others) + " |",
+              "|---|" + "---:|" * (len(names) + len(others))]
+    for precision, label in (("full", "fp32"), ("bf16", "bf16")):
+        if precision not in opt and not (precision == "full" and "sdcpp" in results):
             continue
-        def part(key: str, name: str) -> float | None:  # median over every round of every process
-            return med([t for x in r[key] for t in x["times"][name]]) if r.get(key) else None
-
-        runs = r["e2e"]
-        rows = [(f"UNet step, batch 2 ({label})", part("ours_parts", "unet"), part("ours_openvino_parts", "unet"),
-                 part("optimum_parts", "unet"), "s"),
-                (f"VAE decode ({label})", part("ours_parts", "decode"), part("ours_openvino_parts", "decode"),
-                 part("optimum_parts", "decode"), "s"),
-                (f"txt2img wall, first run: empty model cache ({label})", wall(runs, "ours"),
-                 wall(runs, "ours_openvino_first"), wall(runs, "optimum_first"), "s"),
-                (f"txt2img wall, model cache filled ({label})", wall(runs, "ours"),
-                 wall(runs, "ours_openvino_cached"), wall(runs, "optimum_cached"), "s"),
-                (f"txt2img peak RSS ({label})", rss(runs, "ours"), rss(runs, "ours_openvino_first",
-                 "ours_openvino_cached"), rss(runs, "optimum_first", "optimum_cached"), "GB")]
-        for name, ours, ours_ov, theirs, unit in rows:
-            cells = [f"{v:.2f} {unit}" if v is not None else "-" for v in (ours, ours_ov, theirs)]
-            ratios = [f"**{v / theirs:.2f}**" if v is not None else "-" for v in (ours, ours_ov)]
-            lines.append(f"| {name} | {' | '.join(cells)} | {' | '.join(ratios)} |")
-    lines += ["", "OpenVINO's pipeline runs in fresh processes of its own environment, alternating with ours. UNet "
-                  "step and decode: medians of the rounds of one process per implementation holding only its own "
-                  "model (OpenVINO's from the model caches the end-to-end runs filled), the processes alternating. "
-                  "The torch backend has no model cache: its first and later runs are one figure."]
+        for measure, values, unit in peer_figures(results, precision):
+            theirs = values[OPTIMUM]
+            cells = [f"{values[n]:.2f} {unit}" if values[n] is not None else "-" for n in names]
+            ratios = [f"**{values[n] / theirs:.2f}**" if None not in (values[n], theirs) else "-" for n in others]
+            lines.append(f"| {measure} ({label}) | " + " | ".join(cells) + " | " + " | ".join(ratios) + " |")
+    lines += ["", "Every implementation runs in fresh processes, alternating (OpenVINO's pipeline and "
+                  "stable-diffusion.cpp from environments of their own). UNet step and decode: medians of the rounds "
+                  "of one process per implementation holding only its own model (OpenVINO's from the model caches "
+                  "the end-to-end runs filled); stable-diffusion.cpp's are its sampling time over the steps (Euler: "
+                  "one guided UNet evaluation per step, as DDIM) and its decode as its log times them. The torch "
+                  "backend and stable-diffusion.cpp have no model cache: their first and later runs are one figure."]
     return lines
 
 
-def sdcpp_report(results: dict) -> list[str]:
-    """Ours against stable-diffusion.cpp (fp32): its step and decode as its log times them, end to end."""
-    runs = results["sdcpp"]
-    unet, vae = results.get("unet", {}).get("float32"), results.get("vae", {}).get("float32")
-    rows = [("UNet step, guided (fp32)", med(unet["ours"]) if unet else None, med([x["step"] for x in runs["sdcpp"]]),
-             "s"),
-            ("VAE decode (fp32)", med(vae["ours"]) if vae else None, med([x["decode"] for x in runs["sdcpp"]]), "s"),
-            ("txt2img wall (fp32)", med([x["wall"] for x in runs["ours"]]), med([x["wall"] for x in runs["sdcpp"]]),
-             "s"),
-            ("txt2img peak RSS (fp32)", max(x["rss"] for x in runs["ours"]) / GIB,
-             max(x["rss"] for x in runs["sdcpp"]) / GIB, "GB")]
-    lines = ["", "## Against stable-diffusion.cpp (fp32, from the same .ckpt)", "",
-             "| measure | ours | stable-diffusion.cpp | ours / sd.cpp |", "|---|---:|---:|---:|"]
-    for name, ours, theirs, unit in rows:
-        cell = f"{ours:.2f} {unit}" if ours is not None else "-"
-        ratio = f"**{ours / theirs:.2f}**" if ours is not None else "-"
-        lines.append(f"| {name} | {cell} | {theirs:.2f} {unit} | {ratio} |")
-    lines += ["", "stable-diffusion.cpp's step is its sampling time over the steps (Euler: one guided UNet evaluation "
-                  "per step, as DDIM) and its decode the time its log gives; it has no compiled-model cache, so its "
-                  "first run is every run."]
-    return lines
+def draw_peer_chart(results: dict, path: Path, subtitle: str) -> None:
+    """The fp32 peer figures as bars relative to OpenVINO's pipeline."""
+    groups = [(measure, list(values.items()), unit) for measure, values, unit in peer_figures(results, "full")
+              if values[OPTIMUM] is not None]
+    if groups:
+        draw_bars(groups, path, "relative to OpenVINO's own pipeline, fp32 (shorter is better)", subtitle, OPTIMUM)
 
 
 def _payback(r: dict) -> str:
@@ -852,32 +880,44 @@ def _payback(r: dict) -> str:
 
 
 def draw_chart(rows: list[tuple], path: Path, subtitle: str) -> None:
-    """Horizontal bars of time (or memory) relative to diffusers = 1.0, drawn with PIL."""
+    """Ours, diffusers and the original algorithm: bars relative to diffusers = 1.0."""
+    groups = [(name, [("ours", ours), ("diffusers", theirs), ("original", original)], unit)
+              for name, ours, theirs, original, unit in rows]
+    draw_bars(groups, path, "relative to diffusers (shorter is better)", subtitle, "diffusers")
+
+
+PALETTE = [(40, 110, 200), (150, 150, 150), (220, 120, 50), (60, 160, 90), (170, 80, 160)]
+
+
+def draw_bars(groups: list[tuple[str, list[tuple[str, float | None]], str]], path: Path, title: str,
+              subtitle: str, reference: str) -> None:
+    """Horizontal bars, one group per measure ``(name, [(label, value)], unit)``, each bar's length its value
+    over the group's ``reference`` value; drawn with PIL. Missing values (None) are left out."""
     from PIL import Image, ImageDraw
 
-    bar_h, gap, left, width = 16, 14, 260, 900
-    height = 70 + len(rows) * (3 * bar_h + gap) + 40
+    labels = list(dict.fromkeys(k for _, values, _ in groups for k, _ in values))  # one colour each, in order
+    colors = {label: PALETTE[i % len(PALETTE)] for i, label in enumerate(labels)}
+    groups = [(name, [(k, v) for k, v in values if v is not None], unit) for name, values, unit in groups]
+    bar_h, gap, left, width = 16, 14, 300, 980
+    height = 70 + sum(len(values) * bar_h + gap for _, values, _ in groups) + 40
     img = Image.new("RGB", (width, height), "white")
     d = ImageDraw.Draw(img)
-    d.text((10, 8), "relative to diffusers (shorter is better)", fill="black")
+    d.text((10, 8), title, fill="black")
     d.text((10, 26), subtitle, fill="gray")
-    scale_max = max(max((o or 0) / t, 1.0, (g or 0) / t) for _, o, t, g, _ in rows)
-    unit_px = (width - left - 170) / scale_max  # room for the longest bar's label
-    colors = {"ours": (40, 110, 200), "diffusers": (150, 150, 150), "original": (220, 120, 50)}
+    ratio = {name: {k: v / dict(values)[reference] for k, v in values} for name, values, _ in groups}
+    scale_max = max(max(r.values()) for r in ratio.values())
+    unit_px = (width - left - 230) / max(scale_max, 1.0)  # room for the longest bar's label
     y = 56
-    x1 = left + unit_px
-    for name, ours, theirs, original, unit in rows:
-        d.text((10, y + bar_h), name, fill="black")
-        for label, value in (("ours", ours), ("diffusers", theirs), ("original", original)):
-            if value is None:
-                continue
-            r = value / theirs
+    for name, values, unit in groups:
+        d.text((10, y + (len(values) * bar_h) // 2 - 6), name, fill="black")
+        for label, value in values:
+            r = ratio[name][label]
             d.rectangle([left, y, left + r * unit_px, y + bar_h - 3], fill=colors[label])
             d.text((left + r * unit_px + 4, y + 1), f"{label} {value:.2f} {unit} ({r:.2f})", fill="black")
             y += bar_h
-        y += gap + (bar_h if original is None else 0)
-    d.line([x1, 50, x1, height - 30], fill=(0, 0, 0))
-    d.text((x1 - 10, height - 26), "1.0", fill="black")
+        y += gap
+    d.line([left + unit_px, 50, left + unit_px, height - 30], fill=(0, 0, 0))
+    d.text((left + unit_px - 10, height - 26), "1.0", fill="black")
     img.save(path)
 
 
@@ -902,8 +942,14 @@ def main() -> None:
                         "stable-diffusion.cpp as a peer (part 'sdcpp')")
     parser.add_argument("--workdir", type=Path, default=Path(os.environ.get("TMPDIR", "/tmp")) / "ldm-benchmark")
     parser.add_argument("--out", type=Path, default=ROOT / "docs")
+    parser.add_argument("--report", type=Path, help="write the report of a saved benchmark.json again (no runs)")
     parser.add_argument("--child", choices=["unet", "vae", "compile", "info"], help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.report:
+        results = json.loads(args.report.read_text())
+        vars(args).update(results.get("args", {}))  # the settings it was measured with
+        print(write_report(results, args, args.out))
+        return
     if args.quick:
         args.size, args.steps, args.repeats, args.big_size, args.big_steps = 256, 2, 1, 512, 1
 
@@ -926,7 +972,8 @@ def main() -> None:
     if not assets_ready(paths):
         print(f"writing the benchmark's weights under {args.workdir} ...", flush=True)
     info = run_child([*child_args, "--child", "info"])  # also writes the weights where missing
-    results: dict = {"machine": info["machine"], "load_before": load_snapshot()}
+    results: dict = {"machine": info["machine"], "load_before": load_snapshot(),
+                     "args": {k: getattr(args, k) for k in ("size", "steps", "repeats", "e2e_repeats", "big_size")}}
     if "load" in parts:
         print("load ...", flush=True)
         rows = []
