@@ -793,7 +793,8 @@ def write_report(results: dict, args, out_dir: Path) -> str:
     return text
 
 
-OURS, OURS_OV, OPTIMUM, SDCPP = "ours (torch)", "ours (--backend openvino)", "OpenVINO (optimum)", "stable-diffusion.cpp"
+OURS, OURS_OV = "ours (torch)", "ours (--backend openvino)"
+OPTIMUM, SDCPP = "OpenVINO (optimum)", "stable-diffusion.cpp"
 
 
 def _wall(runs: list[dict] | None) -> float | None:

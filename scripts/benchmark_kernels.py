@@ -30,7 +30,6 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "scripts"))
 
 import torch  # noqa: E402
-
 from benchmark_openvino import assets, inputs, load_torch, machine_load  # noqa: E402
 
 
