@@ -472,14 +472,15 @@ print(json.dumps(result))
 """
 
 CHILD_SDCPP = r"""
-import io, json, re, sys, time
+import io, json, os, re, sys, time
 start = time.perf_counter()
 ckpt, size, steps = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
 import numpy as np
 from stable_diffusion_cpp import StableDiffusion
 log = io.StringIO()
 sys.stderr = log  # its log (verbose) names each stage's time
-sd = StableDiffusion(model_path=ckpt, verbose=True)
+threads = os.cpu_count()  # its binding's default is half the CPUs (one thread on a 2-core machine)
+sd = StableDiffusion(model_path=ckpt, n_threads=threads, verbose=True)
 loaded = time.perf_counter()
 image = sd.generate_image(prompt="{prompt}", width=size, height=size, sample_steps=steps, cfg_scale=7.5,
                           sample_method="euler", seed=42)[0]
@@ -488,7 +489,7 @@ sys.stderr = sys.__stderr__
 stage = lambda name: float(re.findall(name + r" completed, taking ([0-9.]+)s", log.getvalue())[-1])
 hwm = next(int(l.split()[1]) * 1024 for l in open("/proc/self/status") if l.startswith("VmHWM:"))
 print(json.dumps({{"wall": done - start, "load": loaded - start, "generate": done - loaded, "rss": hwm,
-                  "step": stage("sampling") / steps, "decode": stage("decode_first_stage"),
+                  "threads": threads, "step": stage("sampling") / steps, "decode": stage("decode_first_stage"),
                   "mean": float(np.asarray(image.convert("L")).mean())}}))
 """
 
@@ -789,7 +790,8 @@ def write_report(results: dict, args, out_dir: Path) -> str:
     text = "\n".join(lines) + "\n"
     (out_dir / "benchmark.md").write_text(text)
     (out_dir / "benchmark.json").write_text(json.dumps(results, indent=1, default=str))
-    draw_chart(rows, out_dir / "benchmark.png", f"{size}, {m['cpu']}, {m['cores']} cores")
+    if rows:
+        draw_chart(rows, out_dir / "benchmark.png", f"{size}, {m['cpu']}, {m['cores']} cores")
     return text
 
 
