@@ -27,25 +27,35 @@ sys.path.insert(0, str(ROOT))
 from ldm.data.toy_shapes import CAPTIONS, CLASSES  # noqa: E402
 from tests.toy_classifier import CIRCLE_FILL, inspect  # noqa: E402
 
-# flags and steps: the script's default is 50 steps for every sampler; DPM-Solver is often run with 20
-SAMPLERS = {"ddim": ([], 50), "plms": (["--plms"], 50), "dpm_solver": (["--dpm_solver"], 50),
+# flags and steps: None keeps the script's default (50 steps for every sampler); DPM-Solver is often run with 20
+SAMPLERS = {"ddim": ([], None), "plms": (["--plms"], None), "dpm_solver": (["--dpm_solver"], None),
             "dpm_solver_20": (["--dpm_solver"], 20)}
 
 
-def generate(ckpt: Path, config: Path, sampler: str, scale: float, precision: str, seeds: int,
-             outdir: Path) -> list[np.ndarray]:
+class GenerationFailed(RuntimeError):
+    """scripts/txt2img.py exited with an error (the message is its last stderr line)."""
+
+
+def generate(ckpt: Path, config: Path, sampler: str, outdir: Path, seeds: int = 3, scale: float | None = None,
+             precision: str = "full", env: dict | None = None, timeout: float | None = None) -> list[np.ndarray]:
+    """``seeds`` images of each caption (seeds from 1000) by scripts/txt2img.py with ``sampler``, in prompt
+    order, seed after seed. ``scale`` None: the script's default; ``env``: the script's environment."""
     flag, steps = SAMPLERS[sampler]
     prompts = outdir / "prompts.txt"
+    outdir.mkdir(parents=True, exist_ok=True)
     prompts.write_text("\n".join(CAPTIONS) + "\n")
     cmd = [sys.executable, str(ROOT / "scripts" / "txt2img.py"), "--config", str(config), "--ckpt", str(ckpt),
            "--from-file", str(prompts), "--n_samples", str(len(CAPTIONS)), "--n_iter", str(seeds),
-           "--H", "64", "--W", "64", "--ddim_steps", str(steps), "--scale", str(scale), "--seed", "1000",
-           "--precision", precision, "--skip_grid", "--outdir", str(outdir), *flag]
-    result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
+           "--H", "64", "--W", "64", "--seed", "1000", "--precision", precision, "--skip_grid",
+           "--outdir", str(outdir), *flag]
+    cmd += [] if steps is None else ["--ddim_steps", str(steps)]
+    cmd += [] if scale is None else ["--scale", str(scale)]
+    result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env=env, timeout=timeout)
     if result.returncode != 0:
-        last = (result.stderr.strip().splitlines() or ["no message"])[-1]
-        raise SystemExit(f"evaluate_toy_model.py: txt2img failed: {last}")
+        raise GenerationFailed((result.stderr.strip().splitlines() or ["no message"])[-1])
     files = sorted((outdir / "samples").glob("*.png"))
+    if len(files) != len(CAPTIONS) * seeds:
+        raise GenerationFailed(f"{len(files)} samples written, {len(CAPTIONS) * seeds} expected")
     return [np.asarray(Image.open(f).convert("RGB")) for f in files]
 
 
@@ -87,7 +97,11 @@ def main(argv: list[str] | None = None) -> None:
             for sampler in opt.samplers:
                 start = time.time()
                 with tempfile.TemporaryDirectory() as tmp:
-                    counts = judge(generate(opt.ckpt, config, sampler, scale, precision, opt.seeds, Path(tmp)))
+                    try:
+                        images = generate(opt.ckpt, config, sampler, Path(tmp), opt.seeds, scale, precision)
+                    except GenerationFailed as err:
+                        raise SystemExit(f"evaluate_toy_model.py: txt2img failed: {err}") from None
+                counts = judge(images)
                 n = counts["images"]
                 print(f"{precision:4} scale {scale:<4} {sampler:10} colour {counts['colour']}/{n} "
                       f"shape {counts['shape']}/{n} background {counts['background']}/{n} "

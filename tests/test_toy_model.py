@@ -5,16 +5,14 @@ the dataset's ground-truth images.
 """
 from __future__ import annotations
 
+import importlib.util
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from omegaconf import OmegaConf
-from PIL import Image
 
 from ldm.data.toy_shapes import CAPTIONS, CLASSES, render, spec_for_index
 from ldm.loading.checkpoint import read_checkpoint
@@ -129,17 +127,12 @@ def test_shipped_checkpoint_layout_and_size():
     assert config.model.target == "ldm.models.diffusion.ddpm.LatentDiffusion"
 
 
-def _run_txt2img(sampler_flag: list[str], outdir: Path, prompts_file: Path) -> list[np.ndarray]:
-    cmd = [sys.executable, str(ROOT / "scripts" / "txt2img.py"), "--config", str(CONFIG), "--ckpt", str(CKPT),
-           "--from-file", str(prompts_file), "--n_samples", str(len(CAPTIONS)), "--n_iter", str(SEEDS_PER_CAPTION),
-           "--H", "64", "--W", "64", "--seed", "1000",
-           "--precision", PRECISION, "--skip_grid", "--outdir", str(outdir), *sampler_flag]
-    result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=1800,
-                            env=dict(os.environ, PYTHONPATH=str(ROOT), **THREADS))
-    assert result.returncode == 0, result.stderr[-3000:]
-    files = sorted((outdir / "samples").glob("*.png"))
-    assert len(files) == len(CAPTIONS) * SEEDS_PER_CAPTION, f"{len(files)} samples written"
-    return [np.asarray(Image.open(f).convert("RGB")) for f in files]
+def _evaluator():
+    """scripts/evaluate_toy_model.py, which runs txt2img on every caption and counts what the classifier says."""
+    spec = importlib.util.spec_from_file_location("evaluate_toy_model", ROOT / "scripts" / "evaluate_toy_model.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 @needs_model
@@ -147,26 +140,16 @@ def _run_txt2img(sampler_flag: list[str], outdir: Path, prompts_file: Path) -> l
 def test_txt2img_draws_what_the_caption_says(sampler, tmp_path):
     """All 24 captions x 3 seeds at 64x64 through scripts/txt2img.py at its defaults (50 steps, scale 7.5; fp32,
     one thread), judged by the classifier."""
-    prompts = tmp_path / "prompts.txt"
-    prompts.write_text("\n".join(CAPTIONS) + "\n")
-    flag = {"ddim": [], "plms": ["--plms"], "dpm_solver": ["--dpm_solver"]}[sampler]
-    images = _run_txt2img(flag, tmp_path / sampler, prompts)
-    right = {"colour": 0, "shape": 0, "background": 0, "round": 0, "clean": 0}
-    misses = []
-    for i, image in enumerate(images):
-        colour, shape, background = CLASSES[i % len(CLASSES)]  # files follow the prompt order, seed after seed
-        report = inspect(image)
-        verdict = report.verdict
-        right["colour"] += verdict.colour == colour
-        right["shape"] += verdict.shape == shape
-        right["background"] += verdict.background == background
-        right["round"] += shape == verdict.shape == "circle" and CIRCLE_FILL[0] <= report.fill <= CIRCLE_FILL[1]
-        right["clean"] += report.blotch == 0
-        if verdict != (colour, shape, background):
-            misses.append(f"{CAPTIONS[i % len(CAPTIONS)]} -> {tuple(verdict)}")
-    report = ", ".join(f"{k} {v}/{len(images)}" for k, v in right.items())
+    evaluate = _evaluator()
+    images = evaluate.generate(CKPT, CONFIG, sampler, tmp_path, seeds=SEEDS_PER_CAPTION, precision=PRECISION,
+                               env=dict(os.environ, PYTHONPATH=str(ROOT), **THREADS), timeout=1800)
+    counts = evaluate.judge(images)
+    assert counts["images"] == len(CAPTIONS) * SEEDS_PER_CAPTION
+    right = {key: counts[key] for key in ("colour", "shape", "background", "round")}
+    right["clean"] = counts["images"] - counts["blotched"]
+    report = ", ".join(f"{k} {v}/{counts['images']}" for k, v in right.items())
     for key, need in REQUIRED[sampler].items():
-        assert right[key] >= need, f"{sampler}: {report}; {key} needs {need}; misses: {misses[:6]}"
+        assert right[key] >= need, f"{sampler}: {report}; {key} needs {need}; misses: {counts['misses'][:6]}"
 
 
 @needs_model
