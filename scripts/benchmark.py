@@ -506,7 +506,7 @@ print(json.dumps({"tensors": len(sd)}))
 """
 
 CHILD_OURS_PARTS = r"""
-import json, sys, time
+import json, sys
 import torch
 from ldm.backend.memory import tuned_allocator
 from ldm.inference.pipeline import load_pipeline
@@ -523,15 +523,10 @@ t = torch.tensor([500, 500])
 with torch.no_grad():
     context = model.get_learned_conditioning(["{prompt}", ""])
 fns = {{"unet": lambda: model.apply_model(x, t, context), "decode": lambda: model.decode_first_stage(z)}}
-times = {{name: [] for name in fns}}
-with tuned_allocator(), torch.no_grad():
-    for fn in fns.values():  # first calls: OpenVINO compiles from its cache, torch packs its kernels
-        fn()
-    for _ in range(repeats):
-        for name, fn in fns.items():
-            start = time.perf_counter()
-            fn()
-            times[name].append(time.perf_counter() - start)
+sys.path.insert(0, "scripts")
+from benchmark import _alternate  # noqa: E402  (this file; the child runs in the repository)
+with tuned_allocator():  # the first calls (OpenVINO compiles from its cache, torch packs its kernels) are not timed
+    times = _alternate(fns, repeats)
 hwm = next(int(l.split()[1]) * 1024 for l in open("/proc/self/status") if l.startswith("VmHWM:"))
 print(json.dumps({{"times": times, "rss": hwm}}))
 """
