@@ -383,7 +383,7 @@ CHILD_E2E_OURS = r"""
 import json, sys, time
 start = time.perf_counter()
 ckpt, size, steps, precision, device = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4], sys.argv[5]
-backend = sys.argv[6] if len(sys.argv) > 6 else "auto"
+backend = sys.argv[6] if len(sys.argv) > 6 else "torch"
 import torch
 from ldm.backend.memory import release_library_pages, tuned_allocator
 from ldm.inference.pipeline import Settings, load_pipeline

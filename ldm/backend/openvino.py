@@ -8,10 +8,10 @@ This module knows modules and tensors, not the model: :mod:`ldm.inference.openvi
 four networks from it.
 
 Conversion. A module is exported with ``torch.export`` (the ``axes`` symbolic: any batch and image size) and
-converted by ``openvino.convert_model``. ``torch.export`` traces with ``torch.compiler.is_compiling()`` true,
-where the CPU fast paths of :mod:`ldm.modules.ops` (oneDNN's fused and prepacked ops, Winograd) give way to torch's
-public ops; a graph that still holds an op outside ``aten`` and ``prims`` is refused
-(:class:`OpenVINOConversionError`). Weights are traced in float32 whatever their stored dtype.
+converted by ``openvino.convert_model``, outside any autocast. ``torch.export`` traces with
+``torch.compiler.is_compiling()`` true, where the CPU fast paths of :mod:`ldm.modules.ops` (oneDNN's fused and
+prepacked ops, Winograd) give way to torch's public ops; a graph that still holds an op outside ``aten`` and
+``prims`` is refused (:class:`OpenVINOConversionError`). Weights are traced in float32 whatever their stored dtype.
 
 Compilation. Each input shape is compiled on its own (static shapes: OpenVINO plans memory and picks kernels for
 it), in float32 (``INFERENCE_PRECISION_HINT`` f32, also where OpenVINO would pick bf16 by itself) or in bfloat16
@@ -201,7 +201,9 @@ def export_to_openvino(module: nn.Module, example: Sequence[torch.Tensor], dynam
     where the IR cannot be written."""
     import openvino
 
-    with torch.no_grad(), float32_weights(module):
+    # autocast off: the caller may run under the pipeline's bf16 autocast, which would trace bf16 casts into the
+    # graph (OpenVINO's bf16 is its inference-precision hint, applied when compiling)
+    with torch.no_grad(), torch.autocast("cpu", enabled=False), float32_weights(module):
         try:
             exported = torch.export.export(module, tuple(example), dynamic_shapes=tuple(dynamic_shapes),
                                            strict=False)
@@ -404,14 +406,24 @@ class OpenVINOPart:
         model.reshape({i: list(t.shape) for i, t in enumerate(inputs)})
         try:
             compiled = core().compile_model(model, "CPU", config)
-        except RuntimeError:
+        except RuntimeError as err:
             if "CACHE_DIR" not in config:
-                raise
+                raise self._compile_error(err, hint) from err
             shutil.rmtree(config["CACHE_DIR"], ignore_errors=True)  # a damaged compiled blob: compile afresh
-            compiled = core().compile_model(model, "CPU", config)
+            try:
+                compiled = core().compile_model(model, "CPU", config)
+            except RuntimeError as again:
+                raise self._compile_error(again, hint) from again
         if self.entry is not None:
             release_mapped_file(self.entry / "model.bin")
         return compiled
+
+    def _compile_error(self, err: RuntimeError, hint: str) -> OpenVINOConversionError:
+        """OpenVINO's multi-line compile error as one line: its last line that names a cause."""
+        lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+        causes = [line for line in lines if not line.startswith("Exception from")] or lines or ["unknown error"]
+        return OpenVINOConversionError(f"OpenVINO cannot compile the {self.name} ({hint}): {causes[-1][:300]}; "
+                                       f"the torch backend runs this model (--backend torch)")
 
     def __call__(self, *inputs: torch.Tensor, precision: str = "fp32") -> list[torch.Tensor]:
         """Run the network on ``inputs`` (CPU tensors) -> its outputs as float32 torch tensors."""
