@@ -278,6 +278,21 @@ def test_a_model_stored_in_bfloat16_converts_to_the_same_float32_network(tiny_mo
     assert stored.decoder.conv_in.weight.dtype == torch.bfloat16
 
 
+def test_a_failed_compile_is_one_line_naming_the_torch_backend(monkeypatch):
+    class Core:
+        def compile_model(self, *args):
+            raise RuntimeError("Exception from src/inference/src/cpp/core.cpp:117:\nException from x.cpp:54:\n"
+                               "Arguments do not have the same element type\n\n")
+
+    monkeypatch.setattr(ov_backend, "core", Core)
+    conv = torch.nn.Conv2d(3, 4, 3, padding=1)
+    part = ov_backend.OpenVINOPart("decoder", conv, conv, [{0: ("batch", 1)}], cache_dir=None)
+    with pytest.raises(OpenVINOConversionError) as err:
+        part(torch.zeros(1, 3, 8, 8))
+    assert str(err.value) == ("OpenVINO cannot compile the decoder (f32): Arguments do not have the same element "
+                              "type; the torch backend runs this model (--backend torch)")
+
+
 # ---------------------------------------------------------------------------------------------- what is traced
 def test_the_traced_unet_is_plain_ops_even_with_the_fast_paths_set_up(tiny_ckpt, tiny_io):
     """With the weights prepared as the CPU pipeline prepares them (prepacked oneDNN kernels, Winograd-eligible
@@ -331,6 +346,25 @@ def test_precision_names(tiny_model):
     if not ov_backend.cpu_computes_bf16():
         with pytest.raises(ValueError, match="bfloat16"):
             OpenVINOModel(tiny_model, precision="bf16", cache_dir=None)
+
+
+def test_conversion_ignores_the_callers_autocast():
+    """The pipeline converts a network at its first call, inside its bf16 autocast: the graph must not take the
+    autocast's bf16 casts (OpenVINO's bf16 is its compile hint; with the casts its bf16 compile failed)."""
+    module = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3, padding=1), torch.nn.GroupNorm(2, 4))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        model = ov_backend.export_to_openvino(module, [torch.zeros(1, 3, 8, 8)], [None], "test network")
+    types = {str(out.get_element_type()) for op in model.get_ordered_ops() for out in op.outputs()}
+    assert "<Type: 'bfloat16'>" not in types and "<Type: 'float32'>" in types
+
+
+def test_bf16_under_the_pipelines_autocast(tiny_model, tiny_io):
+    if not ov_backend.cpu_computes_bf16():
+        pytest.skip("this CPU has no bfloat16 arithmetic OpenVINO uses (AVX512-BF16 or AMX)")
+    model = OpenVINOModel(tiny_model, precision="bf16", model_hash="tiny-reference", cache_dir=None)
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # as Pipeline.generate runs it at --precision bf16
+        eps = model.apply_model(tiny_io["unet_x"], tiny_io["unet_t"], tiny_io["cond"])
+    assert (eps - tiny_io["unet_eps"]).norm() / tiny_io["unet_eps"].norm() < 2e-2
 
 
 def test_bf16_is_close_to_the_original(tiny_model, tiny_io, ov_cache):
