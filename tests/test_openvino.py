@@ -293,6 +293,24 @@ def test_a_failed_compile_is_one_line_naming_the_torch_backend(monkeypatch):
                               "type; the torch backend runs this model (--backend torch)")
 
 
+def test_a_network_openvino_cannot_compile_falls_back_to_torch_when_asked(monkeypatch):
+    """``fallback`` (what ``--backend auto`` asks): one notice, then the network computes in torch, float32."""
+    class Core:
+        def compile_model(self, *args):
+            raise RuntimeError("Arguments do not have the same element type")
+
+    monkeypatch.setattr(ov_backend, "core", Core)
+    conv = torch.nn.Conv2d(3, 4, 3, padding=1).to(torch.bfloat16)
+    expected = torch.nn.functional.conv2d(torch.ones(1, 3, 8, 8), conv.weight.float(), conv.bias.float(), padding=1)
+    notices: list[str] = []
+    part = ov_backend.OpenVINOPart("decoder", conv, conv, [{0: ("batch", 1)}], say=notices.append, fallback=True)
+    for _ in range(2):
+        (out,) = part(torch.ones(1, 3, 8, 8))
+        assert out.dtype == torch.float32 and torch.allclose(out, expected, atol=1e-6)
+    assert len(notices) == 2 and notices[0].startswith("converting the decoder")
+    assert notices[1].startswith("notice: OpenVINO cannot compile the decoder (f32): Arguments do not")
+
+
 # ---------------------------------------------------------------------------------------------- what is traced
 def test_the_traced_unet_is_plain_ops_even_with_the_fast_paths_set_up(tiny_ckpt, tiny_io):
     """With the weights prepared as the CPU pipeline prepares them (prepacked oneDNN kernels, Winograd-eligible
@@ -413,7 +431,7 @@ def test_backend_choice(monkeypatch):
     from ldm.inference.pipeline import resolve_backend
 
     cpu = torch.device("cpu")
-    assert resolve_backend("auto", cpu, "full") == ("torch", FULL)  # auto: torch until OpenVINO wins end to end
+    assert resolve_backend("auto", cpu, "full") == ("auto", FULL)  # settled on the loaded model: auto_backend
     assert resolve_backend("openvino", cpu, "full")[0] == "openvino"
     with pytest.raises(InputError, match="runs on the CPU; use --device cpu"):
         resolve_backend("openvino", torch.device("meta"), "full")
@@ -429,6 +447,37 @@ def test_backend_choice(monkeypatch):
     monkeypatch.setattr(ov_backend, "available", lambda: False)
     with pytest.raises(InputError, match="pip install openvino"):
         resolve_backend("openvino", cpu, "full")
+
+
+def test_auto_is_openvino_where_it_was_measured_faster(monkeypatch, tiny_model):
+    """``--backend auto``: OpenVINO for an SD-sized UNet on an AVX-512 CPU with the memory to convert it; torch for
+    a small model, on AVX2, off the CPU, short of memory, or in a bf16 that OpenVINO cannot compute."""
+    from ldm.backend import memory
+    from ldm.inference import pipeline
+    from ldm.inference.precision import resolve_precision
+
+    cpu = torch.device("cpu")
+    bf16 = resolve_precision("bf16", cpu)
+    assert pipeline.auto_backend(tiny_model, cpu, FULL) == "torch"  # far below SD v1's 860 M UNet parameters
+    monkeypatch.setattr(pipeline, "OPENVINO_AUTO_MIN_PARAMETERS", 1000)
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX512")
+    monkeypatch.setattr(memory, "available_memory_bytes", lambda: 2 ** 40)
+    monkeypatch.setattr(ov_backend, "cpu_computes_bf16", lambda: True)
+    assert pipeline.auto_backend(tiny_model, cpu, FULL) == "openvino"
+    assert pipeline.auto_backend(tiny_model, cpu, bf16) == "openvino"
+    assert pipeline.auto_backend(tiny_model, torch.device("cuda"), FULL) == "torch"
+    monkeypatch.setattr(ov_backend, "cpu_computes_bf16", lambda: False)
+    assert pipeline.auto_backend(tiny_model, cpu, bf16) == "torch"
+    weights = 4 * sum(p.numel() for p in tiny_model.parameters())
+    monkeypatch.setattr(memory, "available_memory_bytes", lambda: int(1.5 * weights))
+    assert pipeline.auto_backend(tiny_model, cpu, FULL) == "torch"
+    monkeypatch.setattr(memory, "available_memory_bytes", lambda: 3 * weights)
+    assert pipeline.auto_backend(tiny_model, cpu, FULL) == "openvino"
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX2")
+    assert pipeline.auto_backend(tiny_model, cpu, FULL) == "torch"
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX512")
+    monkeypatch.setattr(ov_backend, "available", lambda: False)
+    assert pipeline.auto_backend(tiny_model, cpu, FULL) == "torch"
 
 
 def test_the_script_on_openvino_makes_the_torch_backends_images(tmp_path):

@@ -299,16 +299,18 @@ class OpenVINOPart:
     {axis: (symbol, multiple)} (a symbol may appear in several inputs; sizes must be multiples); ``cache_dir``:
     where entries live (None: converted in memory); ``model_hash``: returns the checkpoint's hash for the key;
     ``code``: a digest of the source ``call`` computes with (default :func:`source_digest`); ``keep``: compiled shapes
-    kept at once (each holds its own packed weights); ``say``: one-line notices. Calls take CPU torch tensors and
-    return float32 torch tensors.
+    kept at once (each holds its own packed weights); ``say``: one-line notices; ``fallback``: where OpenVINO cannot
+    convert or compile the network, say so and run ``call`` in torch (float32 weights) instead of raising
+    :class:`OpenVINOConversionError`. Calls take CPU torch tensors and return float32 torch tensors.
     """
 
     def __init__(self, name: str, call: nn.Module, weights: nn.Module, axes: Sequence[dict[int, tuple[str, int]]],
                  cache_dir: Path | None = None, model_hash: Callable[[], str | None] = lambda: None,
                  code: str | None = None,
                  keep: int = 1, say: Callable[[str], None] = lambda message: None,
-                 release_weights: Callable[[nn.Module], Any] | None = None):
+                 release_weights: Callable[[nn.Module], Any] | None = None, fallback: bool = False):
         self.name, self.call, self.weights, self.axes = name, call, weights, list(axes)
+        self.fallback, self.in_torch = fallback, False
         self.cache_dir, self.model_hash, self.keep, self.say = cache_dir, model_hash, keep, say
         self.code = source_digest(call) if code is None else code
         self.release_weights = release_weights
@@ -428,6 +430,8 @@ class OpenVINOPart:
     def __call__(self, *inputs: torch.Tensor, precision: str = "fp32") -> list[torch.Tensor]:
         """Run the network on ``inputs`` (CPU tensors) -> its outputs as float32 torch tensors."""
         hint = inference_precision_hint(precision)
+        if self.in_torch:
+            return self._torch(inputs)
         arrays = [t.detach().cpu().contiguous().numpy() for t in inputs]
         signature = (hint, *((a.shape, a.dtype.str) for a in arrays))
         if signature in self._compiled:
@@ -435,11 +439,25 @@ class OpenVINOPart:
         else:
             while len(self._compiled) >= self.keep:
                 self._compiled.popitem(last=False)  # its packed weights go with it
-            compiled = self._compile(inputs, hint)
+            try:
+                compiled = self._compile(inputs, hint)
+            except OpenVINOConversionError as err:
+                if not self.fallback:
+                    raise
+                self.say(f"notice: {err}; it runs in torch from now on")
+                self.in_torch = True
+                self.call.float()  # as the conversion traced it, whatever the stored dtype
+                return self._torch(inputs)
             self._compiled[signature] = (compiled, compiled.create_infer_request())
         _, request = self._compiled[signature]
         results = request.infer(arrays, share_inputs=True, share_outputs=False)
         return [torch.from_numpy(array) for array in results.to_tuple()]
+
+    def _torch(self, inputs: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        """The network's outputs computed by its torch module (the fallback), as float32 tensors."""
+        with torch.no_grad():
+            out = self.call(*inputs)
+        return [t.float() for t in (out if isinstance(out, (tuple, list)) else (out,))]
 
     def release(self) -> None:
         """Drop the compiled models (their memory); the next call compiles again (from the cache)."""

@@ -110,13 +110,15 @@ class OpenVINOModel:
     cache key. ``cache_dir``: where converted networks are kept (``"default"``:
     :func:`~ldm.backend.openvino.default_cache_dir`; None: nothing written). ``say``: receives one-line notices
     (conversions, damaged cache entries). ``release_weights``: called with a torch part once OpenVINO holds it
-    (e.g. :func:`ldm.backend.memory.release_file_pages`). Every other attribute is the torch model's. A network
+    (e.g. :func:`ldm.backend.memory.release_file_pages`). ``fallback``: a network OpenVINO cannot convert or
+    compile runs in torch, with a notice, instead of failing. Every other attribute is the torch model's. A network
     is converted, or read from the cache, and compiled at its first call with a new input shape.
     """
 
     def __init__(self, model: nn.Module, precision: str = "fp32",
                  model_hash: str | Callable[[], str | None] | None = None, cache_dir: str | Path | None = "default",
-                 say: Callable[[str], None] | None = None, release_weights: Callable[[nn.Module], Any] | None = None):
+                 say: Callable[[str], None] | None = None, release_weights: Callable[[nn.Module], Any] | None = None,
+                 fallback: bool = False):
         wrapper = model.model
         if getattr(wrapper, "conditioning_key", None) != "crossattn":
             raise ValueError(f"the OpenVINO backend runs cross-attention models (SD v1); this one's conditioning_key "
@@ -127,7 +129,7 @@ class OpenVINOModel:
         cache = default_cache_dir() if cache_dir == "default" else None if cache_dir is None else Path(cache_dir)
         common = {"cache_dir": cache, "model_hash": model_hash if callable(model_hash) else lambda: model_hash,
                   "say": say or (lambda message: None),
-                  "release_weights": release_weights}
+                  "release_weights": release_weights, "fallback": fallback}
         unet = wrapper.diffusion_model
         multiple = 2 ** (len(getattr(unet, "channel_mult", (1,))) - 1)  # the UNet's downsampling
         self.unet = OpenVINOPart("unet", UNetCall(unet), unet,

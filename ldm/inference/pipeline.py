@@ -58,6 +58,8 @@ ENCODE_TILE_ABOVE = 1024 * 1024  # init images with more pixels are encoded in t
 # (docs/benchmark.md: 1.00-1.02x on a CPU; a GPU's throughput comes from batching); ``--per_image`` asks for it.
 PER_IMAGE_DEFAULT: dict[str, bool] = {"cpu": False, "cuda": False, "mps": False}
 BACKENDS = ("auto", "torch", "openvino")
+OPENVINO_AUTO_MIN_PARAMETERS = 100_000_000  # SD v1's UNet: 860 M parameters; the toy model's: 3 M
+OPENVINO_AUTO_MEMORY = 2.0  # x the model's float32 size (4.27 GB for SD v1): OpenVINO's first run peaked at 1.9x
 
 
 def _say(message: str) -> None:
@@ -66,18 +68,14 @@ def _say(message: str) -> None:
 
 # ---------------------------------------------------------------------------------------------- model
 def resolve_backend(name: str, device: torch.device, precision: str) -> tuple[str, Precision]:
-    """(``torch`` or ``openvino``, the precision it computes at) for ``--backend name`` on ``device`` at
-    ``--precision precision``.
-
-    ``auto`` is torch: measured on a 2-core AVX2 CPU (docs/benchmark.md), OpenVINO's UNet step is about 0.9x
-    ours but its decode 1.1x, its first run converts for minutes and its peak memory is 1.8x ours, so it is
-    chosen by hand (``--backend openvino``) until it wins end to end. ``openvino`` runs on the CPU, in fp32, or
-    in bf16 where OpenVINO computes it (``autocast``: bf16 there, else fp32)."""
+    """(``auto``, ``torch`` or ``openvino``, the precision it computes at) for ``--backend name`` on ``device`` at
+    ``--precision precision``; ``auto`` is settled once the model is loaded (:func:`auto_backend`). ``openvino``
+    runs on the CPU, in fp32, or in bf16 where OpenVINO computes it (``autocast``: bf16 there, else fp32)."""
     if name not in BACKENDS:
         raise InputError(f"unknown backend '{name}'; use one of {', '.join(BACKENDS)}")
     prec = resolve_precision(precision, device)
     if name != "openvino":
-        return "torch", prec
+        return name, prec
     from ldm.backend import openvino
 
     if device.type != "cpu":
@@ -92,6 +90,29 @@ def resolve_backend(name: str, device: torch.device, precision: str) -> tuple[st
         raise InputError("--backend openvino: this CPU has no bfloat16 arithmetic OpenVINO uses (AVX512-BF16 or "
                          "AMX); use --precision full")
     return "openvino", prec
+
+
+def auto_backend(model, device: torch.device, prec: Precision) -> str:
+    """What ``--backend auto`` runs a loaded model on. OpenVINO where it is measured faster than the torch backend
+    and its one-off conversion pays back: a CPU with AVX-512 (docs/benchmark.md, AMD Zen 5: UNet step TODO),
+    fp32 or a bf16 that OpenVINO computes, a UNet of SD v1's size (at least
+    ``OPENVINO_AUTO_MIN_PARAMETERS``; the toy model's converts for longer than it samples), and memory for the
+    conversion (``OPENVINO_AUTO_MEMORY`` x the model's float32 size available). Torch everywhere else: on AVX2 CPUs
+    OpenVINO was no faster (UNet step 1.05x, decode 1.66x of torch's time, 2-core Zen 3)."""
+    from ldm.backend import openvino
+    from ldm.backend.memory import available_memory_bytes
+
+    unet_parameters = sum(p.numel() for p in model.model.parameters())
+    if device.type != "cpu" or prec.label not in ("fp32", "bf16") or unet_parameters < OPENVINO_AUTO_MIN_PARAMETERS:
+        return "torch"
+    if not openvino.available() or torch.backends.cpu.get_cpu_capability() != "AVX512":
+        return "torch"
+    if prec.label == "bf16" and not openvino.cpu_computes_bf16():
+        return "torch"
+    memory = available_memory_bytes()
+    if memory is not None and memory < OPENVINO_AUTO_MEMORY * 4 * sum(p.numel() for p in model.parameters()):
+        return "torch"
+    return "openvino"
 
 
 def check_model_files(config: str | Path, ckpt: str | Path) -> None:
@@ -344,9 +365,7 @@ def load_pipeline(config: str | Path, ckpt: str | Path, device: str = "auto", pr
 
     torch_device = resolve_device(device)
     backend, prec = resolve_backend(backend, torch_device, precision)
-    notice = slow_precision_notice(prec, torch_device) if backend == "torch" else None
-    if notice:
-        say(notice)
+    notice = slow_precision_notice(prec, torch_device) if backend != "openvino" else None
     check_model_files(config, ckpt)
     config_obj = load_config(config)
     model_hash = ModelHash(ckpt)
@@ -368,12 +387,19 @@ def load_pipeline(config: str | Path, ckpt: str | Path, device: str = "auto", pr
                 param.data = shadow[ema.m_name2s_name[name]]
         model.use_ema = False
         del model.model_ema
+    chosen = backend == "auto"
+    if chosen:
+        backend = auto_backend(model, torch_device, prec)
+        if backend == "openvino":
+            say("backend: OpenVINO (--backend auto on this CPU; --backend torch for the reference)")
+    if notice and backend == "torch":
+        say(notice)
     parts = []
     if backend == "openvino":
         from ldm.inference.openvino import OpenVINOModel
 
         model = OpenVINOModel(model, precision=prec.label, model_hash=model_hash.result, say=say,
-                              release_weights=release_file_pages)
+                              release_weights=release_file_pages, fallback=chosen)
     elif on_demand:
         memory_format = preferred_memory_format(torch_device, prec.weight_dtype)
         parts = [PartWeights(part, prec.weight_dtype, memory_format)
