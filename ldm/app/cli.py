@@ -52,7 +52,8 @@ def add_new_flags(parser: argparse.ArgumentParser) -> None:
                              "differs from it by rounding only")
     parser.add_argument("--backend", choices=["auto", "torch", "openvino"], default="auto",
                         help="what runs the networks: torch, or OpenVINO on the CPU (converted from the checkpoint "
-                             "once, cached in ~/.cache/ldm/openvino); auto: torch (see docs/benchmark.md)")
+                             "once, cached in ~/.cache/ldm/openvino); auto: OpenVINO for SD-sized models on a CPU "
+                             "with AVX-512 where it is installed and memory allows, else torch (docs/benchmark.md)")
 
 
 def add_precision_flag(parser: argparse.ArgumentParser) -> None:
