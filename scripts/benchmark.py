@@ -792,6 +792,7 @@ def write_report(results: dict, args, out_dir: Path) -> str:
 
 OURS, OURS_OV = "ours (torch)", "ours (--backend openvino)"
 OPTIMUM, SDCPP = "OpenVINO (optimum)", "stable-diffusion.cpp"
+PEER_PRECISIONS = {"full": "fp32", "bf16": "bf16"}  # --precisions entry -> label
 
 
 def _wall(runs: list[dict] | None) -> float | None:
@@ -847,7 +848,7 @@ def optimum_report(results: dict, args) -> list[str]:
     others = [n for n in names if n != OPTIMUM]
     lines += ["", "| measure | " + " | ".join(names) + " | " + " | ".join(f"{n} / optimum" for n in others) + " |",
               "|---|" + "---:|" * (len(names) + len(others))]
-    for precision, label in (("full", "fp32"), ("bf16", "bf16")):
+    for precision, label in PEER_PRECISIONS.items():
         if precision not in opt and not (precision == "full" and "sdcpp" in results):
             continue
         for measure, values, unit in peer_figures(results, precision):
@@ -865,11 +866,12 @@ def optimum_report(results: dict, args) -> list[str]:
 
 
 def draw_peer_chart(results: dict, path: Path, subtitle: str) -> None:
-    """The fp32 peer figures as bars relative to OpenVINO's pipeline."""
-    groups = [(measure, list(values.items()), unit) for measure, values, unit in peer_figures(results, "full")
-              if values[OPTIMUM] is not None]
+    """The peer figures of every measured precision as bars relative to OpenVINO's pipeline."""
+    groups = [(f"{measure} ({label})", list(values.items()), unit)
+              for precision, label in PEER_PRECISIONS.items() if precision in results.get("optimum", {})
+              for measure, values, unit in peer_figures(results, precision) if values[OPTIMUM] is not None]
     if groups:
-        draw_bars(groups, path, "relative to OpenVINO's own pipeline, fp32 (shorter is better)", subtitle, OPTIMUM)
+        draw_bars(groups, path, "relative to OpenVINO's own pipeline (shorter is better)", subtitle, OPTIMUM)
 
 
 def _payback(r: dict) -> str:
