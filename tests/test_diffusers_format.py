@@ -588,7 +588,8 @@ def test_full_size_images(full_assets, offline):
     ckpt, folder = full_assets
     images, x_T = [], None
     for path in (ckpt, folder):
-        pipe = load_pipeline(V1_CONFIG, path, device="cpu", precision="full", safety_checker="off", verbose=False)
+        pipe = load_pipeline(V1_CONFIG, path, device="cpu", precision="full", safety_checker="off", verbose=False,
+                             backend="torch")  # the reference backend, also where auto would pick OpenVINO
         images.append(ours_image(pipe, "a photograph of an astronaut riding a horse", 5, 5, 7.5, 0.0, 64))
         (x_T,) = pipe.noise([5], [4, 8, 8])
         del pipe
@@ -602,7 +603,8 @@ def test_full_size_images(full_assets, offline):
 PEAK_RSS = """
 import sys
 from ldm.inference.pipeline import Settings, load_pipeline
-pipe = load_pipeline(sys.argv[1], sys.argv[2], device="cpu", precision="full", safety_checker="off", verbose=False)
+pipe = load_pipeline(sys.argv[1], sys.argv[2], device="cpu", precision="full", safety_checker="off", verbose=False,
+                     backend="torch")
 pipe.generate(["a photograph of an astronaut riding a horse"], [1], Settings(steps=2, height=64, width=64))
 with open("/proc/self/status") as f:
     print(next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM:")))

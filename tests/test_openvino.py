@@ -480,6 +480,23 @@ def test_auto_is_openvino_where_it_was_measured_faster(monkeypatch, tiny_model):
     assert pipeline.auto_backend(tiny_model, cpu, FULL) == "torch"
 
 
+def test_load_pipeline_takes_autos_choice(monkeypatch, tiny_config_path, tiny_ckpt):
+    """``load_pipeline(backend="auto")`` settles on the loaded model: OpenVINO (said, with the torch fallback on)
+    where :func:`auto_backend` picks it, the torch backend where not."""
+    from ldm.inference import pipeline
+
+    said: list[str] = []
+    monkeypatch.setattr(pipeline, "auto_backend", lambda model, device, prec: "openvino")
+    pipe = pipeline.load_pipeline(tiny_config_path, tiny_ckpt, device="cpu", precision="full", say=said.append)
+    assert isinstance(pipe.model, OpenVINOModel) and all(part.fallback for part in pipe.model.parts)
+    assert any(m.startswith("backend: OpenVINO (--backend auto") for m in said)
+    explicit = pipeline.load_pipeline(tiny_config_path, tiny_ckpt, device="cpu", precision="full", backend="openvino")
+    assert not any(part.fallback for part in explicit.model.parts)  # asked for by name: its errors are the user's
+    monkeypatch.setattr(pipeline, "auto_backend", lambda model, device, prec: "torch")
+    assert not isinstance(pipeline.load_pipeline(tiny_config_path, tiny_ckpt, device="cpu", precision="full").model,
+                          OpenVINOModel)
+
+
 def test_the_script_on_openvino_makes_the_torch_backends_images(tmp_path):
     """The README's main command (the embedded toy model) with ``--backend openvino``: the torch backend's images
     within 2 of 255 levels, fp32 (a second run's cache use: test_a_second_model_loads_from_the_cache)."""
