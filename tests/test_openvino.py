@@ -476,6 +476,12 @@ def test_auto_is_openvino_where_it_was_measured_faster(monkeypatch, tiny_model):
     monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX2")
     assert pipeline.auto_backend(tiny_model, cpu, FULL) == "torch"
     monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX512")
+
+    def broken():
+        raise ImportError("libopenvino.so.2026.4.1: cannot open shared object file")
+
+    monkeypatch.setattr(ov_backend, "core", broken)
+    assert pipeline.auto_backend(tiny_model, cpu, FULL) == "torch"
     monkeypatch.setattr(ov_backend, "available", lambda: False)
     assert pipeline.auto_backend(tiny_model, cpu, FULL) == "torch"
 

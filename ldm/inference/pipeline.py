@@ -107,6 +107,10 @@ def auto_backend(model, device: torch.device, prec: Precision) -> str:
         return "torch"
     if not openvino.available() or torch.backends.cpu.get_cpu_capability() != "AVX512":
         return "torch"
+    try:
+        openvino.core()  # an install that cannot start (a broken wheel, a missing library) fails here, not mid-run
+    except (ImportError, OSError, RuntimeError):
+        return "torch"
     if prec.label == "bf16" and not openvino.cpu_computes_bf16():
         return "torch"
     memory = available_memory_bytes()
