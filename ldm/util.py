@@ -2,7 +2,9 @@
 from __future__ import annotations
 
 import importlib
+import os
 from inspect import isfunction
+from pathlib import Path
 from typing import Any, Mapping
 
 import torch
@@ -28,6 +30,11 @@ def instantiate_from_config(config: Mapping) -> Any:
             return None
         raise KeyError("Expected key `target` to instantiate.")
     return get_obj_from_str(config["target"])(**config.get("params", dict()))
+
+
+def user_cache_dir() -> Path:
+    """Where the package keeps what it can rebuild: ``$XDG_CACHE_HOME/ldm``, else ``~/.cache/ldm``."""
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "ldm"
 
 
 def exists(x: Any) -> bool:

@@ -26,6 +26,15 @@ TINY = FIXTURES / "tiny"
 PROMPTS = ["a red circle on a blue background", "a photograph of an astronaut riding a horse"]
 
 
+@pytest.fixture(scope="session", autouse=True)
+def user_cache(tmp_path_factory):
+    """The package's user cache (checkpoint hashes, OpenVINO's converted networks) in a folder of this test run,
+    for the tests and the scripts they start: never the user's ~/.cache."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("XDG_CACHE_HOME", str(tmp_path_factory.mktemp("xdg-cache")))
+        yield
+
+
 def assert_matches_reference(ours: torch.Tensor, ref: torch.Tensor, name: str = "") -> None:
     """The reference tolerance: max|ours - ref| <= 1e-3 * std(ref) + 1e-5, in float32."""
     assert ours.shape == ref.shape, f"{name}: shape {tuple(ours.shape)} != {tuple(ref.shape)}"

@@ -24,7 +24,7 @@ from ldm.app.output import (
     read_watermark,
 )
 from ldm.errors import OutputError
-from ldm.loading.model_hash import file_sha256
+from ldm.loading.model_hash import ModelHash, file_sha256, remembered_sha256
 
 
 def smooth_image(width: int, height: int, seed: int = 0) -> Image.Image:
@@ -90,6 +90,35 @@ def test_file_sha256(tmp_path):
     path = tmp_path / "f.bin"
     path.write_bytes(b"abc")
     assert file_sha256(path) == "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
+
+
+def test_a_checkpoint_hash_is_remembered_until_the_file_changes(tmp_path, monkeypatch):
+    from ldm.loading import model_hash
+
+    path, memo = tmp_path / "model.ckpt", tmp_path / "cache" / "sha256.json"
+    path.write_bytes(b"abc")
+    reads = []
+    monkeypatch.setattr(model_hash, "file_sha256", lambda p: reads.append(p) or file_sha256(p))
+    abc = "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
+    assert remembered_sha256(path, memo) == abc and len(reads) == 1
+    assert remembered_sha256(path, memo) == abc and len(reads) == 1  # remembered: not read again
+    stat = path.stat()
+    path.write_bytes(b"abd")  # same size; the modification time says it changed
+    os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns + 1))
+    assert remembered_sha256(path, memo) == file_sha256(path) != abc and len(reads) == 2
+    memo.write_text("{not json")  # a damaged memo costs the hashing, nothing else
+    assert remembered_sha256(path, memo) == file_sha256(path) and len(reads) == 3
+    assert remembered_sha256(path, memo) == file_sha256(path) and len(reads) == 3
+
+
+def test_model_hash_without_a_writable_cache(tmp_path, monkeypatch):
+    path = tmp_path / "model.ckpt"
+    path.write_bytes(b"abc")
+    blocker = tmp_path / "not-a-folder"
+    blocker.write_text("")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(blocker))
+    assert ModelHash(path).result() == "ba7816bf8f"
+    assert ModelHash(tmp_path / "missing.ckpt").result() is None
 
 
 # ---------------------------------------------------------------------------------------------- grid

@@ -1,9 +1,21 @@
-"""The ``Model hash`` of a checkpoint, as the image metadata records it (the AUTOMATIC1111 convention)."""
+"""The ``Model hash`` of a checkpoint, as the image metadata records it (the AUTOMATIC1111 convention).
+
+A checkpoint's sha256 is remembered in ``~/.cache/ldm/sha256.json`` under its path, size, modification time and
+inode: a later run on the same, unchanged file does not read its gigabytes again (:func:`remembered_sha256`).
+"""
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import json
+import os
+import tempfile
 import threading
 from pathlib import Path
+
+from ldm.util import user_cache_dir
+
+MEMO_ENTRIES = 256  # checkpoints remembered (the most recently hashed)
 
 
 def file_sha256(path: str | Path, chunk_size: int = 1 << 22) -> str:
@@ -15,8 +27,50 @@ def file_sha256(path: str | Path, chunk_size: int = 1 << 22) -> str:
     return digest.hexdigest()
 
 
+def _identity(path: Path) -> str:
+    """What says a file is unchanged: its resolved path, size, modification time (ns) and inode."""
+    st = path.stat()
+    return json.dumps([str(path.resolve()), st.st_size, st.st_mtime_ns, st.st_ino])
+
+
+def remembered_sha256(path: str | Path, memo: Path | None = None) -> str:
+    """``file_sha256(path)``, read from ``memo`` (default ``~/.cache/ldm/sha256.json``) while the file keeps its
+    path, size, modification time and inode, else computed and remembered. A memo that cannot be read or written
+    only costs the hashing."""
+    path = Path(path)
+    memo = user_cache_dir() / "sha256.json" if memo is None else memo
+    identity = _identity(path)
+    try:
+        known = json.loads(memo.read_text())
+        if not isinstance(known, dict):
+            known = {}
+    except (OSError, ValueError):
+        known = {}
+    value = known.get(identity)
+    if isinstance(value, str) and len(value) == 64:
+        return value
+    value = file_sha256(path)
+    if _identity(path) != identity:  # changed while it was read: not remembered
+        return value
+    known.pop(identity, None)
+    known[identity] = value
+    kept = dict(list(known.items())[-MEMO_ENTRIES:])
+    with contextlib.suppress(OSError):
+        memo.parent.mkdir(parents=True, exist_ok=True)
+        fd, temp = tempfile.mkstemp(prefix=".sha256-", dir=memo.parent)
+        try:
+            with os.fdopen(fd, "w") as f:
+                json.dump(kept, f)
+            os.replace(temp, memo)  # whole or not at all; a concurrent writer's entry may be lost (recomputed)
+        finally:
+            with contextlib.suppress(OSError):
+                os.unlink(temp)
+    return value
+
+
 class ModelHash:
-    """The ``Model hash`` of a checkpoint (first 10 hex digits of its sha256), computed in a background thread."""
+    """The ``Model hash`` of a checkpoint (first 10 hex digits of its sha256), computed in a background thread
+    (or remembered, :func:`remembered_sha256`)."""
 
     def __init__(self, path: str | Path | None):
         self._value: str | None = None
@@ -27,7 +81,7 @@ class ModelHash:
 
     def _compute(self, path: Path) -> None:
         try:
-            self._value = file_sha256(path)[:10]
+            self._value = remembered_sha256(path)[:10]
         except OSError:
             self._value = None
 
