@@ -36,6 +36,7 @@ from torch import nn
 _M_TRIM_THRESHOLD, _TRIM_THRESHOLD_DEFAULT = -1, 128 * 1024
 _M_MMAP_MAX, _MMAP_MAX_DEFAULT = -4, 65536
 _MADV_PAGEOUT = 21  # Linux 5.4+
+_MADV_DONTNEED = 4  # Linux
 _SHARED_OBJECT = re.compile(r"\.so(\.[\d.]+)?$")
 # private anonymous memory (Python's default for fileno -1 is a shared mapping); not on Windows
 _PRIVATE = {"flags": mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS} if hasattr(mmap, "MAP_ANONYMOUS") else {}
@@ -197,19 +198,21 @@ def release_library_pages() -> int:
 
 
 def release_mapped_file(path: str | os.PathLike) -> int:
-    """Hand this process's resident pages of a file mapped shared and read-only (OpenVINO's converted weights,
-    which it no longer reads once compiled) back to the page cache (Linux 5.4+ ``MADV_PAGEOUT``); returns how
-    many mappings were advised (0 elsewhere). A page read again faults back in, unchanged."""
+    """Unmap this process's resident pages of a file mapped read-only (OpenVINO's converted weights, which it no
+    longer reads once compiled) while the page cache keeps them (``MADV_DONTNEED``: the next run reads them from
+    memory, not from disk); returns how many mappings were advised (0 elsewhere). A page read again faults back
+    in, unchanged."""
     target = os.path.realpath(path)
-    return _page_out(lambda name: name == target)
+    return _page_out(lambda name: name == target, _MADV_DONTNEED)
 
 
-def _page_out(chosen: Callable[[str], bool]) -> int:
-    """``MADV_PAGEOUT`` on each mapping whose path is ``chosen``; how many the kernel took (0 without madvise)."""
+def _page_out(chosen: Callable[[str], bool], advice: int = _MADV_PAGEOUT) -> int:
+    """``advice`` (default ``MADV_PAGEOUT``: out of memory, into the page cache or not at all) on each mapping
+    whose path is ``chosen``; how many the kernel took (0 without madvise)."""
     madvise = _libc_function("madvise", [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int])
     if madvise is None:
         return 0
-    return sum(madvise(lo, hi - lo, _MADV_PAGEOUT) == 0 for lo, hi, _, name in list(_mappings()) if chosen(name))
+    return sum(madvise(lo, hi - lo, advice) == 0 for lo, hi, _, name in list(_mappings()) if chosen(name))
 
 
 # ---------------------------------------------------------------------------------------------- mappings
