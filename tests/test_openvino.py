@@ -149,13 +149,12 @@ def test_a_second_model_loads_from_the_cache(ov_tiny, tiny_model, tiny_io, ov_ca
 
 def test_a_new_shape_is_compiled_not_converted(ov_tiny, tiny_model, tiny_io, ov_cache):
     run_every_part(ov_tiny, tiny_io)
-    blobs = len(list((entry_of(ov_cache, "unet") / "compiled").iterdir()))
     conversions = ov_tiny.unet.conversions
     x, t, c = torch.randn(1, 4, 16, 24), torch.tensor([321]), tiny_io["cond"][:1]
     with torch.no_grad():
         assert_matches_reference(ov_tiny.apply_model(x, t, c), tiny_model.apply_model(x, t, c), "eps 16x24")
     assert ov_tiny.unet.conversions == conversions
-    assert len(list((entry_of(ov_cache, "unet") / "compiled").iterdir())) == blobs + 1
+    assert [(1, 4, 16, 24) in (s[0] for s in signature[1:]) for signature in ov_tiny.unet._compiled] == [True]
 
 
 def test_the_cache_key_follows_checkpoint_weights_code_and_versions(ov_tiny, tiny_model, tiny_io, monkeypatch):
@@ -187,9 +186,6 @@ def test_damaged_entries_are_rebuilt(ov_tiny, tiny_model, tiny_io, ov_cache, tmp
     with open(bin_file, "r+b") as f:  # cut short
         f.truncate(bin_file.stat().st_size // 2)
     (entry_of(cache, "text_encoder") / "meta.json").write_text("{not json")
-    for blob in (entry_of(cache, "unet") / "compiled").iterdir():  # OpenVINO's compiled blobs: garbage
-        blob.chmod(0o644)
-        blob.write_bytes(b"garbage")
     notices: list[str] = []
     again = OpenVINOModel(tiny_model, model_hash="tiny-reference", cache_dir=cache, say=notices.append)
     for ours, reference in zip(run_every_part(again, tiny_io), first):
@@ -347,6 +343,19 @@ def test_a_private_op_in_the_graph_is_refused():
         exported = torch.export.export(Fused(), (torch.randn(2, 8),), strict=False)
     with pytest.raises(OpenVINOConversionError, match="mkldnn::_linear_pointwise"):
         ov_backend.check_plain_ops(exported, "test module")
+
+
+def test_geglu_exports_as_two_matmuls_without_a_split():
+    """OpenVINO runs a split of one matmul's output with a reference kernel (16 of them: 1.5 % of an SD v1 UNet
+    step); the exported GEGLU is two matmuls of the projection's halves, with eager's values."""
+    from ldm.modules.attention import GEGLU
+
+    geglu, x = GEGLU(8, 16).eval(), torch.randn(2, 5, 8)
+    with torch.no_grad():
+        exported = torch.export.export(geglu, (x,), strict=False)
+        torch.testing.assert_close(exported.module()(x), geglu(x))
+    ops = [n.target._opname for n in exported.graph.nodes if isinstance(n.target, torch._ops.OpOverload)]
+    assert ops.count("linear") == 2 and not {"split", "split_with_sizes", "chunk"} & set(ops), ops
 
 
 def test_weights_are_traced_in_float32_and_restored():

@@ -226,7 +226,11 @@ def linear_geglu(proj: nn.Linear, x: torch.Tensor) -> torch.Tensor:
     """GEGLU on the projection ``proj`` (out = 2 * d): ``h * gelu(gate)`` with ``h, gate = proj(x).chunk(2, -1)``
     (on CPU inference :func:`ldm.backend.onednn.geglu`)."""
     def public() -> torch.Tensor:
-        h, gate_ = proj(x).chunk(2, dim=-1)
+        if torch.compiler.is_exporting():  # two matmuls: OpenVINO's split of one output is a slow reference kernel
+            d = proj.out_features // 2
+            h, gate_ = F.linear(x, proj.weight[:d], proj.bias[:d]), F.linear(x, proj.weight[d:], proj.bias[d:])
+        else:
+            h, gate_ = proj(x).chunk(2, dim=-1)
         if torch.is_grad_enabled():
             return h * F.gelu(gate_)
         return F.gelu(gate_).mul_(h)
