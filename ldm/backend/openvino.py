@@ -103,14 +103,18 @@ def default_cache_dir() -> Path:
 
 # ---------------------------------------------------------------------------------------------- cache keys
 def weights_fingerprint(module: nn.Module, samples: int = 16) -> str:
-    """sha256 over the names, shapes and dtypes of ``module``'s state and ``samples`` evenly spaced values of each
-    tensor: tells checkpoints (and EMA from plain weights) apart while reading a few pages per tensor."""
+    """sha256 over the names, shapes and dtypes of ``module``'s state and the first and last ``samples // 2``
+    values of each tensor: tells checkpoints (and EMA from plain weights) apart while reading at most two pages
+    per tensor of a memory-mapped checkpoint (evenly spaced samples read 16, which on a cold page cache cost SD v1
+    3.7 s of a cached OpenVINO run)."""
     digest = hashlib.sha256()
     for name, t in module.state_dict().items():
         t = t.detach()
         digest.update(f"{name}:{tuple(t.shape)}:{t.dtype};".encode())
         if t.numel():
-            index = torch.linspace(0, t.numel() - 1, min(samples, t.numel())).long()
+            half = samples // 2
+            index = torch.arange(t.numel()) if t.numel() <= samples else \
+                torch.cat([torch.arange(half), torch.arange(t.numel() - half, t.numel())])
             values = t[torch.unravel_index(index, t.shape)] if t.dim() else t.reshape(1)
             digest.update(values.to(torch.float64 if t.is_floating_point() else torch.int64).numpy().tobytes())
     return digest.hexdigest()
