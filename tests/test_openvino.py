@@ -358,6 +358,17 @@ def test_geglu_exports_as_two_matmuls_without_a_split():
     assert ops.count("linear") == 2 and not {"split", "split_with_sizes", "chunk"} & set(ops), ops
 
 
+def test_conversion_leaves_no_traced_values_in_the_model(tiny_model, tiny_io):
+    """The decoder keeps the shape of its last input (the original's ``last_z_shape``); traced with symbolic
+    shapes, that was left symbolic and the model could no longer be copied."""
+    model = copy.deepcopy(tiny_model)
+    before = model.first_stage_model.decoder.last_z_shape if hasattr(model.first_stage_model.decoder,
+                                                                    "last_z_shape") else None
+    OpenVINOModel(model, cache_dir=None).decode_first_stage(tiny_io["z_scaled"])
+    assert getattr(model.first_stage_model.decoder, "last_z_shape", None) == before
+    copy.deepcopy(model)
+
+
 def test_weights_are_traced_in_float32_and_restored():
     module = torch.nn.Linear(4, 4).to(torch.bfloat16)
     stored = module.weight.data_ptr()

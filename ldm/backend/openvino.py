@@ -186,6 +186,22 @@ def float32_weights(module: nn.Module) -> Iterator[None]:
             t.data = stored
 
 
+@contextlib.contextmanager
+def kept_attributes(module: nn.Module) -> Iterator[None]:
+    """The plain attributes of ``module`` and its submodules as they were before: a forward traced with symbolic
+    shapes can leave them behind in its attributes (the autoencoder's ``Decoder.last_z_shape``), where they would
+    break the model's later use (``copy.deepcopy``)."""
+    saved = [(m, dict(vars(m))) for m in module.modules()]
+    try:
+        yield
+    finally:
+        for m, attributes in saved:
+            current = vars(m)
+            for name in set(current) - set(attributes):
+                del current[name]
+            current.update((name, value) for name, value in attributes.items() if current.get(name) is not value)
+
+
 def check_plain_ops(exported: Any, name: str) -> None:
     """Refuse an exported graph with an op outside ``aten`` and ``prims`` (a private CPU fast path that was
     traced; OpenVINO would fail on it or compute something else)."""
@@ -209,7 +225,7 @@ def export_to_openvino(module: nn.Module, example: Sequence[torch.Tensor], dynam
 
     # autocast off: the caller may run under the pipeline's bf16 autocast, which would trace bf16 casts into the
     # graph (OpenVINO's bf16 is its inference-precision hint, applied when compiling)
-    with torch.no_grad(), torch.autocast("cpu", enabled=False), float32_weights(module):
+    with torch.no_grad(), torch.autocast("cpu", enabled=False), float32_weights(module), kept_attributes(module):
         try:
             exported = torch.export.export(module, tuple(example), dynamic_shapes=tuple(dynamic_shapes),
                                            strict=False)
