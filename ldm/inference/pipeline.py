@@ -94,8 +94,8 @@ def resolve_backend(name: str, device: torch.device, precision: str) -> tuple[st
 
 def auto_backend(model, device: torch.device, prec: Precision) -> str:
     """What ``--backend auto`` runs a loaded model on. OpenVINO where it is measured faster than the torch backend
-    and its one-off conversion pays back: a CPU with AVX-512 (docs/benchmark.md, 2-core AMD Zen 5: UNet step 0.69x
-    the torch backend's time in fp32, 0.62x in bf16), fp32 or a bf16 that OpenVINO computes, a UNet of SD v1's size
+    and its one-off conversion pays back: a CPU with AVX-512 (docs/benchmark.md, 2-core AMD Zen 5: UNet step 0.62x the
+    torch backend's time in fp32 and in bf16), fp32 or a bf16 that OpenVINO computes, a UNet of SD v1's size
     (at least ``OPENVINO_AUTO_MIN_PARAMETERS``; the toy model's converts for longer than it samples), and memory for
     the conversion (``OPENVINO_AUTO_MEMORY`` x the model's float32 size available). Torch everywhere else: on AVX2
     CPUs OpenVINO was no faster (UNet step 1.05x, decode 1.66x of torch's time, 2-core Zen 3)."""

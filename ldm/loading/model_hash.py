@@ -62,9 +62,10 @@ def remembered_sha256(path: str | Path, memo: Path | None = None) -> str:
             with os.fdopen(fd, "w") as f:
                 json.dump(kept, f)
             os.replace(temp, memo)  # whole or not at all; a concurrent writer's entry may be lost (recomputed)
-        finally:
+        except BaseException:
             with contextlib.suppress(OSError):
                 os.unlink(temp)
+            raise
     return value
 
 
