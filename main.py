@@ -29,6 +29,7 @@ from typing import Any, Sequence
 import numpy as np
 import pytorch_lightning as pl
 import torch
+import yaml
 from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.callbacks import Callback
 from pytorch_lightning.plugins import CheckpointIO, TorchCheckpointIO
@@ -329,7 +330,19 @@ def parse_overrides(unknown: Sequence[str]) -> DictConfig:
     if bad:
         raise SystemExit(f"main.py: unknown argument {bad[0]}: pass config overrides as key=value, "
                          f"e.g. lightning.trainer.max_steps=100")
-    return OmegaConf.from_dotlist(list(unknown))
+    overrides = OmegaConf.create()
+    for arg in unknown:
+        key, value = arg.split("=", 1)
+        try:
+            parsed = OmegaConf.from_dotlist([arg])
+        except yaml.YAMLError:  # not YAML, e.g. "{epoch}-{step}": the string as typed
+            parsed = OmegaConf.from_dotlist([f"{key}=x"])
+            OmegaConf.update(parsed, key, value, merge=False)
+        one = OmegaConf.select(parsed, key)
+        if isinstance(one, DictConfig) and len(one) and all(v is None for v in one.values()):
+            OmegaConf.update(parsed, key, value, merge=False)  # "{step:06}" reads in YAML as {"step:06": None}
+        overrides = OmegaConf.merge(overrides, parsed)
+    return overrides
 
 
 def default_callbacks(ckptdir: str, lightning_config: DictConfig, model: pl.LightningModule) -> DictConfig:

@@ -241,6 +241,15 @@ def test_scale_lr_multiplies_by_batch_and_accumulation(tmp_path, capsys):
         in out
 
 
+def test_override_in_braces_is_a_format_string_not_a_mapping():
+    overrides = main_module.parse_overrides(["lightning.modelcheckpoint.params.filename={step:06}",
+                                             "lightning.callbacks.a.params.filename={epoch}-{step}",
+                                             "model.params.extra={a: 1}"])
+    assert overrides.lightning.modelcheckpoint.params.filename == "{step:06}"
+    assert overrides.lightning.callbacks.a.params.filename == "{epoch}-{step}"  # not YAML at all
+    assert overrides.model.params.extra == {"a": 1}  # a YAML mapping with values stays a mapping
+
+
 def test_unknown_argument_is_one_clear_error():
     with pytest.raises(SystemExit, match="key=value"):
         main_module.main(["--base", str(LDM_CONFIG), "--max_steps", "3"])
