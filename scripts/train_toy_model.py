@@ -1,22 +1,26 @@
 """Train the toy-shapes text-to-image model and export it as models/ldm/toy-shapes/.
 
     python scripts/train_toy_model.py                  # from scratch, run from the repository root
-    python scripts/train_toy_model.py --start_from models/ldm/toy-shapes/model.ckpt   # stages 3-4 on an export
+    python scripts/train_toy_model.py --start_from models/ldm/toy-shapes/model.ckpt   # stages 3-5 on an export
 
-Four ``main.py`` runs (see docs/training.md for the recipe and what each stage brings):
+Five ``main.py`` runs (see docs/training.md for the recipe and what each stage brings):
 
 1. ``autoencoder``: configs/toy-shapes/autoencoder.yaml, constant learning rate;
 2. ``ldm``: configs/toy-shapes/ldm.yaml on the latents of 1 (ldm-cached-latents.yaml: encoded once);
 3. ``autoencoder-ft``: 1 continued at a tenth of the learning rate (autoencoder-finetune.yaml);
 4. ``ldm-ft<N>``: 2 continued on the latents of 3, cosine learning-rate decay (ldm-finetune.yaml), starting from
-   the EMA weights of 2; ``--ldm_ft_rounds`` times, each round from the EMA weights of the one before.
+   the EMA weights of 2; ``--ldm_ft_rounds`` times, each round from the EMA weights of the one before;
+5. ``ldm-const<N>``: 4 continued from its EMA weights at a constant learning rate of 3x 4's peak
+   (ldm-constant.yaml), in bf16 autocast where the CPU computes bf16 (else float32); ``--ldm_const_rounds`` times,
+   each round from the EMA weights of the one before, with the seed one higher.
 
 ``--start_from`` takes stages 1 and 2 from an exported model instead (its autoencoder, and its UNet with the EMA
-baked in). The last LDM checkpoint is exported: EMA weights baked into the UNet, ``model_ema.*`` dropped, module
+baked in); ``--from_stage`` 4 or 5 skips more (4: the export's autoencoder is taken as stage 3's). The last LDM
+checkpoint is exported: EMA weights baked into the UNet, ``model_ema.*`` dropped, module
 weights stored as float16, in the original ``{"state_dict": ...}`` layout, with the matching inference config
 (``use_ema: False``, the measured ``scale_factor``, the autoencoder put back as the first stage). Extra
-``key=value`` arguments after ``--ae``/``--ldm``/``--ae_ft``/``--ldm_ft`` are passed to that stage's main.py run.
-On a busy machine, ``OMP_NUM_THREADS=1`` is much faster than two threads that wait for each other.
+``key=value`` arguments after ``--ae``/``--ldm``/``--ae_ft``/``--ldm_ft``/``--ldm_const`` are passed to that
+stage's main.py run. On a busy machine, ``OMP_NUM_THREADS=1`` is much faster than two threads that wait for each other.
 """
 from __future__ import annotations
 
@@ -37,9 +41,11 @@ AE_FINETUNE = f"{CONFIGS}/autoencoder-finetune.yaml"
 LDM_CONFIG = f"{CONFIGS}/ldm.yaml"
 LDM_LATENTS = f"{CONFIGS}/ldm-cached-latents.yaml"
 LDM_FINETUNE = f"{CONFIGS}/ldm-finetune.yaml"
+LDM_CONSTANT = f"{CONFIGS}/ldm-constant.yaml"
 OUT_DIR = "models/ldm/toy-shapes"
 FIRST_STAGE_CKPT = "model.params.first_stage_config.params.ckpt_path"
 LDM_FT_ROUNDS = 1
+LDM_CONST_ROUNDS = 2
 
 
 def train(configs: list[str], name: str, logdir: str, seed: int, overrides: list[str]) -> Path:
@@ -165,14 +171,24 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seed", type=int, default=23)
     parser.add_argument("--start_from", metavar="MODEL_CKPT",
                         help="skip stages 1-2: take the autoencoder and the LDM of this exported model.ckpt")
-    for stage in ("ae", "ldm", "ae_ft", "ldm_ft"):
+    for stage in ("ae", "ldm", "ae_ft", "ldm_ft", "ldm_const"):
         parser.add_argument(f"--{stage}", nargs="*", default=[], metavar="KEY=VALUE",
                             help=f"overrides for the {stage.replace('_', '-')} run")
     parser.add_argument("--ldm_ft_rounds", type=int, default=LDM_FT_ROUNDS,
                         help="how many times stage 4 runs, each from the EMA weights of the one before")
+    parser.add_argument("--ldm_const_rounds", type=int, default=LDM_CONST_ROUNDS,
+                        help="how many times stage 5 runs, each from the EMA weights of the one before")
+    parser.add_argument("--from_stage", type=int, choices=(3, 4, 5), default=3,
+                        help="with --start_from: the first stage to run on the export")
     parser.add_argument("--autoencoder_run", help="skip stage 1: use this autoencoder run folder")
     parser.add_argument("--export_only", metavar="LDM_RUN", help="only export this LDM run folder")
     opt = parser.parse_args(argv)
+    from_stage = opt.from_stage if opt.start_from else 3
+    ft_rounds = opt.ldm_ft_rounds if from_stage <= 4 else 0
+    if opt.start_from and ft_rounds < 1 and opt.ldm_const_rounds < 1:
+        parser.error("no LDM stage left to run: give --ldm_ft_rounds or --ldm_const_rounds of 1 or more")
+    from ldm.backend.onednn import computes_bf16_natively
+
     os.chdir(ROOT)
     start = time.time()
     if opt.export_only:
@@ -187,14 +203,21 @@ def main(argv: list[str] | None = None) -> None:
         ldm_run = train([LDM_CONFIG, LDM_LATENTS], "toy-shapes-ldm", opt.logdir, opt.seed,
                         [f"{FIRST_STAGE_CKPT}={ae_ckpt}", *opt.ldm])
         ldm_init = ldm_init_from_run(ldm_run, ldm_run / "checkpoints" / "ldm-init.ckpt")
-    ae_ft_run = train([AE_CONFIG, AE_FINETUNE], "toy-shapes-autoencoder-ft", opt.logdir, opt.seed,
-                      [f"model.params.ckpt_path={ae_ckpt}", *opt.ae_ft])
-    for round_ in range(1, opt.ldm_ft_rounds + 1):  # each round restarts from the EMA weights of the one before
-        ldm_ft_run = train([LDM_CONFIG, LDM_LATENTS, LDM_FINETUNE], f"toy-shapes-ldm-ft{round_}", opt.logdir,
-                           opt.seed, [f"{FIRST_STAGE_CKPT}={ae_ft_run / 'checkpoints' / 'last.ckpt'}",
-                                      f"model.params.ckpt_path={ldm_init}", *opt.ldm_ft])
-        ldm_init = ldm_init_from_run(ldm_ft_run, ldm_ft_run / "checkpoints" / "ldm-init.ckpt")
-    export(ldm_ft_run, Path(opt.out))
+    if from_stage <= 3:
+        ae_ckpt = train([AE_CONFIG, AE_FINETUNE], "toy-shapes-autoencoder-ft", opt.logdir, opt.seed,
+                        [f"model.params.ckpt_path={ae_ckpt}", *opt.ae_ft]) / "checkpoints" / "last.ckpt"
+    first_stage = f"{FIRST_STAGE_CKPT}={ae_ckpt}"
+    for round_ in range(1, ft_rounds + 1):  # each round restarts from the EMA weights of the one before
+        ldm_run = train([LDM_CONFIG, LDM_LATENTS, LDM_FINETUNE], f"toy-shapes-ldm-ft{round_}", opt.logdir,
+                        opt.seed, [first_stage, f"model.params.ckpt_path={ldm_init}", *opt.ldm_ft])
+        ldm_init = ldm_init_from_run(ldm_run, ldm_run / "checkpoints" / "ldm-init.ckpt")
+    precision = [] if computes_bf16_natively() else ["lightning.trainer.precision=32-true"]
+    for round_ in range(1, opt.ldm_const_rounds + 1):
+        ldm_run = train([LDM_CONFIG, LDM_LATENTS, LDM_FINETUNE, LDM_CONSTANT], f"toy-shapes-ldm-const{round_}",
+                        opt.logdir, opt.seed + round_ - 1,
+                        [first_stage, f"model.params.ckpt_path={ldm_init}", *precision, *opt.ldm_const])
+        ldm_init = ldm_init_from_run(ldm_run, ldm_run / "checkpoints" / "ldm-init.ckpt")
+    export(ldm_run, Path(opt.out))
     print(f"total {time.time() - start:.0f} s")
 
 

@@ -318,22 +318,23 @@ def test_toy_latents_are_the_autoencoder_posterior_and_cached(tmp_path):
 
 
 def test_train_toy_model_runs_the_recipe_and_exports(tmp_path):
-    """scripts/train_toy_model.py on tiny models: the four main.py stages, then an export that loads strictly, with
-    the fine-tuned autoencoder as its first stage and the EMA weights of the continued LDM; --start_from splits an
-    export into what stages 1 and 2 leave."""
+    """scripts/train_toy_model.py on tiny models: the five main.py stages, then an export that loads strictly, with
+    the fine-tuned autoencoder as its first stage and the EMA weights of the last LDM run (constant learning rate);
+    --start_from splits an export into what stages 1 and 2 leave, and --from_stage 5 runs only the last stage."""
     sys.path.insert(0, str(ROOT / "scripts"))
     import train_toy_model
 
     logdir, out = tmp_path / "logs", tmp_path / "export"
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    stages = ["--ae", *TINY_AE_ARGS, "--ae_ft", *TINY_AE_ARGS, "--ldm", *TINY_LDM_ARGS, "--ldm_ft", *TINY_LDM_ARGS]
+    stages = ["--ae", *TINY_AE_ARGS, "--ae_ft", *TINY_AE_ARGS, "--ldm", *TINY_LDM_ARGS, "--ldm_ft", *TINY_LDM_ARGS,
+              "--ldm_const", *TINY_LDM_ARGS]
     cmd = [sys.executable, str(ROOT / "scripts" / "train_toy_model.py"), "--logdir", str(logdir), "--out", str(out),
            "--ldm_ft_rounds", "1"]
     result = subprocess.run([*cmd, *stages], cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stderr[-3000:]
     runs = {p.name.split("_", 1)[1]: p for p in logdir.iterdir() if "_toy-shapes" in p.name}
     assert sorted(runs) == ["toy-shapes-autoencoder", "toy-shapes-autoencoder-ft", "toy-shapes-ldm",
-                            "toy-shapes-ldm-ft1"]
+                            "toy-shapes-ldm-const1", "toy-shapes-ldm-const2", "toy-shapes-ldm-ft1"]
     config = OmegaConf.load(out / "config.yaml")
     assert config.model.params.first_stage_config.target == "ldm.models.autoencoder.AutoencoderKL"
     assert "ckpt_path" not in OmegaConf.to_yaml(config) and config.model.params.use_ema is False
@@ -341,15 +342,19 @@ def test_train_toy_model_runs_the_recipe_and_exports(tmp_path):
     autoencoder, _ = read_checkpoint(runs["toy-shapes-autoencoder-ft"] / "checkpoints" / "last.ckpt")
     torch.testing.assert_close(model.first_stage_model.decoder.conv_out.weight,
                                autoencoder["decoder.conv_out.weight"].half().float())
-    trained, extras = read_checkpoint(runs["toy-shapes-ldm-ft1"] / "checkpoints" / "last.ckpt")
+    trained, extras = read_checkpoint(runs["toy-shapes-ldm-const2"] / "checkpoints" / "last.ckpt")
     assert extras["global_step"] == 3
     torch.testing.assert_close(model.model.diffusion_model.out[2].weight,
                                trained["model_ema.diffusion_modelout2weight"].half().float())
-    # the continued LDM started from the EMA weights of the first one
-    first, _ = read_checkpoint(runs["toy-shapes-ldm"] / "checkpoints" / "last.ckpt")
-    init, _ = read_checkpoint(runs["toy-shapes-ldm"] / "checkpoints" / "ldm-init.ckpt")
-    assert torch.equal(init["model.diffusion_model.out.2.weight"], first["model_ema.diffusion_modelout2weight"])
-    assert int(init["model_ema.num_updates"]) == 0
+    # each continued LDM started from the EMA weights of the one before
+    for before in ("toy-shapes-ldm", "toy-shapes-ldm-ft1", "toy-shapes-ldm-const1"):
+        first, _ = read_checkpoint(runs[before] / "checkpoints" / "last.ckpt")
+        init, _ = read_checkpoint(runs[before] / "checkpoints" / "ldm-init.ckpt")
+        assert torch.equal(init["model.diffusion_model.out.2.weight"], first["model_ema.diffusion_modelout2weight"])
+        assert int(init["model_ema.num_updates"]) == 0
+    const = OmegaConf.load(sorted((runs["toy-shapes-ldm-const1"] / "configs").glob("*-project.yaml"))[-1])
+    schedule = const.model.params.scheduler_config.params
+    assert schedule.f_start == schedule.f_max == schedule.f_min == [3.0]  # a constant 3x the fine-tune's peak
     # stages 3 and 4 from an export: its autoencoder and LDM
     ae_ckpt, ldm_init = train_toy_model.split_export(out / "model.ckpt", str(tmp_path / "split"))
     exported, _ = read_checkpoint(out / "model.ckpt")
@@ -359,6 +364,15 @@ def test_train_toy_model_runs_the_recipe_and_exports(tmp_path):
     unet_out = exported["model.diffusion_model.out.2.weight"].float()
     assert torch.equal(sd["model_ema.diffusion_modelout2weight"], unet_out)
     assert float(sd["scale_factor"]) == config.model.params.scale_factor
+    # --from_stage 5: only the constant-rate run, on the export's autoencoder and LDM
+    again = tmp_path / "again"
+    result = subprocess.run([sys.executable, str(ROOT / "scripts" / "train_toy_model.py"), "--logdir", str(again),
+                             "--out", str(tmp_path / "export2"), "--start_from", str(out / "model.ckpt"),
+                             "--from_stage", "5", "--ldm_const_rounds", "1", "--ldm_const", *TINY_LDM_ARGS],
+                            cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert [p.name.split("_", 1)[1] for p in again.iterdir() if "_toy-shapes" in p.name] == ["toy-shapes-ldm-const1"]
+    load_model_from_config(OmegaConf.load(tmp_path / "export2" / "config.yaml"), tmp_path / "export2" / "model.ckpt")
 
 
 # -------------------------------------------------------------------------------------------------- LDM pieces
