@@ -335,8 +335,12 @@ def parse_overrides(unknown: Sequence[str]) -> DictConfig:
         key, value = arg.split("=", 1)
         try:
             parsed = OmegaConf.from_dotlist([arg])
-        except yaml.YAMLError:  # not YAML, e.g. "{epoch}-{step}": the string as typed
-            parsed = OmegaConf.from_dotlist([f"{key}=x"])
+        except yaml.YAMLError as err:
+            if not value.startswith("{"):
+                problem = str(err).splitlines()[0]
+                raise SystemExit(f"main.py: override {arg} is not valid YAML ({problem}); "
+                                 "quote it to pass a string") from None
+            parsed = OmegaConf.from_dotlist([f"{key}=x"])  # a format string such as "{epoch}-{step}": as typed
             OmegaConf.update(parsed, key, value, merge=False)
         one = OmegaConf.select(parsed, key)
         if isinstance(one, DictConfig) and len(one) and all(v is None for v in one.values()):

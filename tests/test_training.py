@@ -248,6 +248,8 @@ def test_override_in_braces_is_a_format_string_not_a_mapping():
     assert overrides.lightning.modelcheckpoint.params.filename == "{step:06}"
     assert overrides.lightning.callbacks.a.params.filename == "{epoch}-{step}"  # not YAML at all
     assert overrides.model.params.extra == {"a": 1}  # a YAML mapping with values stays a mapping
+    with pytest.raises(SystemExit, match="not valid YAML"):
+        main_module.parse_overrides(["model.params.channel_mult=[1,"])
 
 
 def test_unknown_argument_is_one_clear_error():
