@@ -3,7 +3,7 @@
     python scripts/train_toy_model.py                  # from scratch, run from the repository root
     python scripts/train_toy_model.py --start_from models/ldm/toy-shapes/model.ckpt   # stages 3-5 on an export
 
-Five ``main.py`` runs (see docs/training.md for the recipe and what each stage brings):
+Five stages of ``main.py`` runs (see docs/training.md for the recipe and what each stage brings):
 
 1. ``autoencoder``: configs/toy-shapes/autoencoder.yaml, constant learning rate;
 2. ``ldm``: configs/toy-shapes/ldm.yaml on the latents of 1 (ldm-cached-latents.yaml: encoded once);
