@@ -3,7 +3,8 @@
     python scripts/train_toy_model.py                  # from scratch, run from the repository root
     python scripts/train_toy_model.py --start_from models/ldm/toy-shapes/model.ckpt   # stages 3-5 on an export
 
-Five stages of ``main.py`` runs (see docs/training.md for the recipe and what each stage brings):
+Five stages of ``main.py`` runs and a sixth in this process (see docs/training.md for the recipe and what each
+stage brings):
 
 1. ``autoencoder``: configs/toy-shapes/autoencoder.yaml, constant learning rate;
 2. ``ldm``: configs/toy-shapes/ldm.yaml on the latents of 1 (ldm-cached-latents.yaml: encoded once);
@@ -12,10 +13,13 @@ Five stages of ``main.py`` runs (see docs/training.md for the recipe and what ea
    the EMA weights of 2; ``--ldm_ft_rounds`` times, each round from the EMA weights of the one before;
 5. ``ldm-const<N>``: 4 continued from its EMA weights at a constant learning rate of 3x 4's peak
    (ldm-constant.yaml), in bf16 autocast where the CPU computes bf16 (else float32); ``--ldm_const_rounds`` times,
-   each round from the EMA weights of the one before, with the seed one higher.
+   each round from the EMA weights of the one before, with the seed one higher;
+6. ``decoder``: after the export, the decoder fine-tuned on what the LDM samples (:func:`finetune_decoder`),
+   ``--decoder_steps`` steps (0: none).
 
 ``--start_from`` takes stages 1 and 2 from an exported model instead (its autoencoder, and its UNet with the EMA
-baked in); ``--from_stage`` 4 or 5 skips more (4: the export's autoencoder is taken as stage 3's). The last LDM
+baked in); ``--from_stage`` 4, 5 or 6 skips more (4: the export's autoencoder is taken as stage 3's; 6: only
+the decoder stage, on a copy of the export). The last LDM
 checkpoint is exported: EMA weights baked into the UNet, ``model_ema.*`` dropped, module
 weights stored as float16, in the original ``{"state_dict": ...}`` layout, with the matching inference config
 (``use_ema: False``, the measured ``scale_factor``, the autoencoder put back as the first stage). Extra
@@ -27,6 +31,7 @@ from __future__ import annotations
 import argparse
 import glob
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -46,6 +51,12 @@ OUT_DIR = "models/ldm/toy-shapes"
 FIRST_STAGE_CKPT = "model.params.first_stage_config.params.ckpt_path"
 LDM_FT_ROUNDS = 1
 LDM_CONST_ROUNDS = 2
+DECODER_STEPS = 1000
+DECODER_SEEDS = 10  # pool images per caption and sampler setting
+DECODER_SETTINGS = [(sampler, steps, scale) for sampler, steps in (("ddim", 50), ("plms", 50), ("dpm_solver", 50),
+                                                                  ("dpm_solver", 20)) for scale in (7.5, 5.0)]
+POOL_FIRST_SEED = 5000  # evaluate_toy_model.py and the tests draw from 1000: the pool never overlaps them
+MAX_OFF_COLOUR = 0.1  # pool images further off their flat drawing are the LDM's mistakes, not the decoder's
 
 
 def train(configs: list[str], name: str, logdir: str, seed: int, overrides: list[str]) -> Path:
@@ -123,6 +134,17 @@ def split_export(model_ckpt: Path, logdir: str) -> tuple[Path, Path]:
     return ae_ckpt, _save_ldm_init(ldm, scale_factor, folder / "ldm-init.ckpt")
 
 
+def copy_export(model_ckpt: Path, out_dir: Path) -> None:
+    """Copy an exported ``model.ckpt`` and the ``config.yaml`` beside it into ``out_dir`` (unless already there)."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for source, name in ((model_ckpt, "model.ckpt"), (model_ckpt.parent / "config.yaml", "config.yaml")):
+        target = out_dir / name
+        if not (target.exists() and target.samefile(source)):
+            tmp = target.with_name(name + ".tmp")
+            shutil.copyfile(source, tmp)
+            os.replace(tmp, target)
+
+
 def export(ldm_run: Path, out_dir: Path) -> None:
     """Write ``model.ckpt`` (EMA baked in, fp16 weights) and ``config.yaml`` for inference into ``out_dir``."""
     import torch
@@ -164,6 +186,99 @@ def export(ldm_run: Path, out_dir: Path) -> None:
           f"step {extras.get('global_step')}, scale_factor {scale_factor:.4f}) and {config_path}")
 
 
+def sample_pool(model, seeds: int):
+    """Latents (N, C, h, w) the LDM samples for every caption: ``seeds`` noises (from POOL_FIRST_SEED) per caption
+    and setting of DECODER_SETTINGS, unscaled (what the first stage decodes)."""
+    import importlib
+
+    import torch
+
+    from ldm.data.toy_shapes import CAPTIONS
+    from ldm.inference.pipeline import SAMPLERS
+
+    prompts = [caption for _ in range(seeds) for caption in CAPTIONS]
+    shape = [model.channels, model.image_size, model.image_size]
+    generator = torch.Generator().manual_seed(POOL_FIRST_SEED)
+    pool = []
+    with torch.no_grad():
+        c = model.get_learned_conditioning(prompts)
+        uc = model.get_learned_conditioning([""] * len(prompts))
+        for sampler, steps, scale in DECODER_SETTINGS:
+            module, cls, _ = SAMPLERS[sampler]
+            x_T = torch.randn(len(prompts), *shape, generator=generator)
+            z, _ = getattr(importlib.import_module(module), cls)(model).sample(
+                S=steps, conditioning=c, batch_size=len(prompts), shape=shape, verbose=False,
+                unconditional_guidance_scale=scale, unconditional_conditioning=uc, eta=0.0, x_T=x_T)
+            pool.append(z / model.scale_factor)
+    return torch.cat(pool)
+
+
+def finetune_decoder(out_dir: Path, steps: int, seeds: int, seed: int, batch_size: int = 16) -> None:
+    """Stage 6: fine-tune the exported model's decoder (the encoder, the UNet and the latent space stay) on two
+    halves of each batch: training images from their posterior samples, and latents the LDM samples from their
+    flat drawings (:func:`ldm.data.toy_shapes.flatten`), which the decoder otherwise paints with faint rings and
+    stripes. Writes the decoder back into ``out_dir/model.ckpt`` (float16)."""
+    import numpy as np
+    import torch
+    from omegaconf import OmegaConf
+
+    from ldm.data.toy_shapes import ToyShapesTrain, flatten
+    from ldm.loading.build import load_model_from_config
+    from ldm.loading.checkpoint import read_checkpoint
+
+    start = time.time()
+    torch.manual_seed(seed)
+    rng = np.random.default_rng(seed)
+    ckpt_path, config = out_dir / "model.ckpt", OmegaConf.load(out_dir / "config.yaml")
+    model = load_model_from_config(config, ckpt_path).float()
+    autoencoder = model.first_stage_model
+    latents = sample_pool(model, seeds)
+    with torch.no_grad():
+        drawn = ((autoencoder.decode(latents) + 1.0) * 127.5).clamp(0, 255).round().to(torch.uint8)
+    pairs = []
+    for z, image in zip(latents, drawn.permute(0, 2, 3, 1).numpy()):
+        projected = flatten(image)
+        if projected is not None and projected[1] <= MAX_OFF_COLOUR:
+            pairs.append((z, projected[0]))
+    print(f"decoder: {len(pairs)} of {len(latents)} sampled latents kept as pairs "
+          f"({time.time() - start:.0f} s)", flush=True)
+    if not pairs:  # an untrained LDM: the training images alone
+        print("decoder: the LDM drew no shape; fine-tuning on training images only", flush=True)
+    pool = torch.stack([z for z, _ in pairs]) if pairs else latents[:0]
+    flats = torch.from_numpy(np.stack([f for _, f in pairs])).permute(0, 3, 1, 2).float() / 127.5 - 1.0 \
+        if pairs else torch.zeros(0, *drawn.shape[1:])
+    trained = [*autoencoder.decoder.parameters(), *autoencoder.post_quant_conv.parameters()]
+    for param in autoencoder.parameters():
+        param.requires_grad_(False)
+    for param in trained:
+        param.requires_grad_(True)
+    optimizer = torch.optim.Adam(trained, lr=1e-4)
+    images = ToyShapesTrain()
+    for step in range(1, steps + 1):
+        x = torch.from_numpy(np.stack([images[int(i)]["image"] for i in rng.integers(0, len(images), batch_size)]))
+        x = x.permute(0, 3, 1, 2)
+        picked = torch.from_numpy(rng.integers(0, len(pool), batch_size if len(pool) else 0))
+        with torch.no_grad():
+            z = autoencoder.encode(x).sample()
+        diff = torch.cat([x, flats[picked]]) - autoencoder.decode(torch.cat([z, pool[picked]]))
+        loss = (diff.abs() + diff ** 2).mean()  # ReconstructionKLLoss's terms, no KL: the encoder is frozen
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        if step % 50 == 0 or step == steps:
+            print(f"decoder: step {step} loss {loss.item():.4f}", flush=True)
+    state_dict, extras = read_checkpoint(ckpt_path)
+    for name, value in autoencoder.state_dict().items():
+        key = f"first_stage_model.{name}"
+        if name.startswith(("decoder.", "post_quant_conv.")):
+            state_dict[key] = value.detach().clone().to(state_dict[key].dtype)
+    tmp = ckpt_path.with_name(ckpt_path.name + ".tmp")
+    torch.save({"state_dict": state_dict, **extras}, tmp)
+    os.replace(tmp, ckpt_path)
+    load_model_from_config(config, ckpt_path)  # strict
+    print(f"decoder: {steps} steps, written into {ckpt_path} ({time.time() - start:.0f} s)", flush=True)
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--logdir", default="logs", help="where main.py writes its run folders")
@@ -178,21 +293,32 @@ def main(argv: list[str] | None = None) -> None:
                         help="how many times stage 4 runs, each from the EMA weights of the one before")
     parser.add_argument("--ldm_const_rounds", type=int, default=LDM_CONST_ROUNDS,
                         help="how many times stage 5 runs, each from the EMA weights of the one before")
-    parser.add_argument("--from_stage", type=int, choices=(3, 4, 5), default=3,
+    parser.add_argument("--decoder_steps", type=int, default=DECODER_STEPS,
+                        help="stage 6's steps (0 skips it)")
+    parser.add_argument("--decoder_seeds", type=int, default=DECODER_SEEDS,
+                        help="stage 6's sampled latents per caption and sampler setting")
+    parser.add_argument("--from_stage", type=int, choices=(3, 4, 5, 6), default=3,
                         help="with --start_from: the first stage to run on the export")
     parser.add_argument("--autoencoder_run", help="skip stage 1: use this autoencoder run folder")
     parser.add_argument("--export_only", metavar="LDM_RUN", help="only export this LDM run folder")
     opt = parser.parse_args(argv)
     from_stage = opt.from_stage if opt.start_from else 3
     ft_rounds = opt.ldm_ft_rounds if from_stage <= 4 else 0
-    if opt.start_from and ft_rounds < 1 and opt.ldm_const_rounds < 1:
+    if opt.start_from and from_stage < 6 and ft_rounds < 1 and opt.ldm_const_rounds < 1:
         parser.error("no LDM stage left to run: give --ldm_ft_rounds or --ldm_const_rounds of 1 or more")
+    if from_stage == 6 and opt.decoder_steps < 1:
+        parser.error("--from_stage 6 runs only the decoder stage: give --decoder_steps of 1 or more")
     from ldm.backend.onednn import computes_bf16_natively
 
     os.chdir(ROOT)
     start = time.time()
     if opt.export_only:
         export(Path(opt.export_only), Path(opt.out))
+        return
+    if from_stage == 6:
+        copy_export(Path(opt.start_from).resolve(), Path(opt.out))
+        finetune_decoder(Path(opt.out), opt.decoder_steps, opt.decoder_seeds, opt.seed)
+        print(f"total {time.time() - start:.0f} s")
         return
     if opt.start_from:
         ae_ckpt, ldm_init = split_export(Path(opt.start_from).resolve(), opt.logdir)
@@ -218,6 +344,8 @@ def main(argv: list[str] | None = None) -> None:
                         [first_stage, f"model.params.ckpt_path={ldm_init}", *precision, *opt.ldm_const])
         ldm_init = ldm_init_from_run(ldm_run, ldm_run / "checkpoints" / "ldm-init.ckpt")
     export(ldm_run, Path(opt.out))
+    if opt.decoder_steps > 0:
+        finetune_decoder(Path(opt.out), opt.decoder_steps, opt.decoder_seeds, opt.seed)
     print(f"total {time.time() - start:.0f} s")
 
 

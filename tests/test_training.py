@@ -22,6 +22,7 @@ from ldm.data.toy_shapes import (
     ToyShapesLatents,
     ToyShapesTrain,
     ToyShapesValidation,
+    flatten,
     spec_for_index,
 )
 from ldm.errors import CheckpointError
@@ -321,8 +322,9 @@ def test_toy_latents_are_the_autoencoder_posterior_and_cached(tmp_path):
 
 def test_train_toy_model_runs_the_recipe_and_exports(tmp_path):
     """scripts/train_toy_model.py on tiny models: the five main.py stages, then an export that loads strictly, with
-    the fine-tuned autoencoder as its first stage and the EMA weights of the last LDM run (constant learning rate);
-    --start_from splits an export into what stages 1 and 2 leave, and --from_stage 5 runs only the last stage."""
+    the fine-tuned autoencoder as its first stage (its decoder fine-tuned once more by stage 6) and the EMA weights
+    of the last LDM run (constant learning rate); --start_from splits an export into what stages 1 and 2 leave,
+    --from_stage 5 runs only the last LDM stage and --from_stage 6 only the decoder's."""
     sys.path.insert(0, str(ROOT / "scripts"))
     import train_toy_model
 
@@ -331,7 +333,7 @@ def test_train_toy_model_runs_the_recipe_and_exports(tmp_path):
     stages = ["--ae", *TINY_AE_ARGS, "--ae_ft", *TINY_AE_ARGS, "--ldm", *TINY_LDM_ARGS, "--ldm_ft", *TINY_LDM_ARGS,
               "--ldm_const", *TINY_LDM_ARGS]
     cmd = [sys.executable, str(ROOT / "scripts" / "train_toy_model.py"), "--logdir", str(logdir), "--out", str(out),
-           "--ldm_ft_rounds", "1"]
+           "--ldm_ft_rounds", "1", "--decoder_steps", "2", "--decoder_seeds", "1"]
     result = subprocess.run([*cmd, *stages], cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stderr[-3000:]
     runs = {p.name.split("_", 1)[1]: p for p in logdir.iterdir() if "_toy-shapes" in p.name}
@@ -342,8 +344,11 @@ def test_train_toy_model_runs_the_recipe_and_exports(tmp_path):
     assert "ckpt_path" not in OmegaConf.to_yaml(config) and config.model.params.use_ema is False
     model = load_model_from_config(config, out / "model.ckpt")  # strict
     autoencoder, _ = read_checkpoint(runs["toy-shapes-autoencoder-ft"] / "checkpoints" / "last.ckpt")
-    torch.testing.assert_close(model.first_stage_model.decoder.conv_out.weight,
-                               autoencoder["decoder.conv_out.weight"].half().float())
+    torch.testing.assert_close(model.first_stage_model.encoder.conv_out.weight,
+                               autoencoder["encoder.conv_out.weight"].half().float())
+    assert "decoder: step 2 loss" in result.stdout  # stage 6 ran, on the exported model
+    assert not torch.equal(model.first_stage_model.decoder.conv_out.weight,
+                           autoencoder["decoder.conv_out.weight"].half().float())
     trained, extras = read_checkpoint(runs["toy-shapes-ldm-const2"] / "checkpoints" / "last.ckpt")
     assert extras["global_step"] == 3
     torch.testing.assert_close(model.model.diffusion_model.out[2].weight,
@@ -375,6 +380,18 @@ def test_train_toy_model_runs_the_recipe_and_exports(tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     assert [p.name.split("_", 1)[1] for p in again.iterdir() if "_toy-shapes" in p.name] == ["toy-shapes-ldm-const1"]
     load_model_from_config(OmegaConf.load(tmp_path / "export2" / "config.yaml"), tmp_path / "export2" / "model.ckpt")
+    # --from_stage 6: a copy of the export with only the decoder changed; the export itself is left as it was
+    before = out.joinpath("model.ckpt").read_bytes()
+    result = subprocess.run([sys.executable, str(ROOT / "scripts" / "train_toy_model.py"), "--out",
+                             str(tmp_path / "export3"), "--start_from", str(out / "model.ckpt"), "--from_stage", "6",
+                             "--decoder_steps", "1", "--decoder_seeds", "1"],
+                            cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert out.joinpath("model.ckpt").read_bytes() == before
+    changed, _ = read_checkpoint(tmp_path / "export3" / "model.ckpt")
+    assert sorted(changed) == sorted(exported)
+    differ = {k.split(".")[1] for k in exported if not torch.equal(changed[k], exported[k])}
+    assert "decoder" in differ and differ <= {"decoder", "post_quant_conv"}, differ  # the encoder, UNet stay
 
 
 # -------------------------------------------------------------------------------------------------- LDM pieces
@@ -602,3 +619,26 @@ def test_toy_shapes_are_deterministic_and_balanced():
     assert min(widths) == 24 and max(widths) == 44
     with pytest.raises(IndexError):
         a[48]
+
+
+def test_flatten_gives_back_the_drawing_a_decoder_spoiled():
+    """flatten, stage 6's target: a rendered image comes back as it is; one with a dark stripe inside the shape, a
+    soft edge and a tinted background comes back as the rendering, with the stripe counted as off-colour."""
+    for index in range(24):
+        rendered = to_uint8(ToyShapesTrain()[index]["image"])
+        flat, off = flatten(rendered)
+        assert np.array_equal(flat, rendered) and off == 0.0
+    rendered = to_uint8(ToyShapesTrain()[5]["image"])  # a green square on a white background
+    assert ToyShapesTrain()[5]["txt"] == "a green square on a white background"
+    mask = (rendered != rendered[0, 0]).any(axis=-1)
+    rows, cols = np.nonzero(mask.any(axis=1))[0], np.nonzero(mask.any(axis=0))[0]
+    spoiled = rendered.astype(np.int32) + np.array([-8, 4, 9])  # tinted
+    spoiled[rows[0]:rows[-1] + 1, cols[0]] = (130, 210, 130)  # a soft left edge
+    stripe = (slice(rows[0] + 4, rows[-1] - 3), cols[-1] - 4)
+    spoiled[stripe] = (200, 200, 200)  # a pale stripe inside, nearer the background than the shape's green
+    spoiled = spoiled.clip(0, 255).astype(np.uint8)
+    flat, off = flatten(spoiled)
+    assert np.array_equal(flat, rendered)
+    height = rows[-1] - rows[0] + 1
+    assert off == pytest.approx((height - 8 + height) / mask.sum(), abs=0.5 / mask.sum())  # the stripe, the edge
+    assert flatten(np.full((64, 64, 3), 245, dtype=np.uint8)) is None  # no shape

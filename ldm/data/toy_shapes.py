@@ -80,6 +80,52 @@ def render(spec: ShapeSpec, size: int = SIZE) -> np.ndarray:
     return image
 
 
+def flatten(image: np.ndarray) -> tuple[np.ndarray, float] | None:
+    """The image the spec would draw nearest to a drawn (H, W, 3) uint8 ``image``, and how far it was off.
+
+    The background is the palette background nearest the border's median, the colour the palette colour nearest
+    the median of the pixels far from it; the shape is every pixel nearer that colour than the background, with
+    its holes filled. Returns (the flat uint8 image, the fraction of the shape's pixels more than 80 from its
+    colour), or None where no shape stands out (under 40 pixels).
+    """
+    img = image.astype(np.float64)
+    border = np.concatenate([img[:2].reshape(-1, 3), img[-2:].reshape(-1, 3),
+                             img[:, :2].reshape(-1, 3), img[:, -2:].reshape(-1, 3)])
+    bg = _nearest(np.median(border, axis=0), BACKGROUNDS)
+    far = np.linalg.norm(img - bg, axis=-1) > 100.0
+    if far.sum() < 40:
+        return None
+    fg = _nearest(np.median(img[far], axis=0), COLOURS)
+    shape = np.linalg.norm(img - fg, axis=-1) < np.linalg.norm(img - bg, axis=-1)
+    shape = ~_reachable_from_border(~shape)
+    off = float((np.linalg.norm(img[shape] - fg, axis=-1) > 80.0).mean())
+    flat = np.empty(image.shape, dtype=np.uint8)
+    flat[:] = bg
+    flat[shape] = fg
+    return flat, off
+
+
+def _nearest(colour: np.ndarray, table: dict[str, tuple[int, int, int]]) -> np.ndarray:
+    return min((np.asarray(v, dtype=np.float64) for v in table.values()), key=lambda v: np.linalg.norm(colour - v))
+
+
+def _reachable_from_border(free: np.ndarray) -> np.ndarray:
+    """The pixels of a boolean (H, W) mask connected (4-neighbours) to the image's border within the mask."""
+    reached = np.zeros_like(free)
+    reached[[0, -1], :] = free[[0, -1], :]
+    reached[:, [0, -1]] |= free[:, [0, -1]]
+    while True:
+        grown = reached.copy()
+        grown[1:] |= reached[:-1]
+        grown[:-1] |= reached[1:]
+        grown[:, 1:] |= reached[:, :-1]
+        grown[:, :-1] |= reached[:, 1:]
+        grown &= free
+        if np.array_equal(grown, reached):
+            return reached
+        reached = grown
+
+
 def spec_for_index(index: int, seed: int = 0) -> ShapeSpec:
     """The deterministic content of item ``index``: class ``CLASSES[index % 24]``, random size and position."""
     colour, shape, background = CLASSES[index % len(CLASSES)]
