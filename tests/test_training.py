@@ -375,7 +375,8 @@ def test_train_toy_model_runs_the_recipe_and_exports(tmp_path):
     again = tmp_path / "again"
     result = subprocess.run([sys.executable, str(ROOT / "scripts" / "train_toy_model.py"), "--logdir", str(again),
                              "--out", str(tmp_path / "export2"), "--start_from", str(out / "model.ckpt"),
-                             "--from_stage", "5", "--ldm_const_rounds", "1", "--ldm_const", *TINY_LDM_ARGS],
+                             "--from_stage", "5", "--ldm_const_rounds", "1", "--decoder_steps", "0",
+                             "--ldm_const", *TINY_LDM_ARGS],
                             cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stderr[-3000:]
     assert [p.name.split("_", 1)[1] for p in again.iterdir() if "_toy-shapes" in p.name] == ["toy-shapes-ldm-const1"]
