@@ -235,18 +235,19 @@ def finetune_decoder(out_dir: Path, steps: int, seeds: int, seed: int, batch_siz
     latents = sample_pool(model, seeds)
     with torch.no_grad():
         drawn = ((autoencoder.decode(latents) + 1.0) * 127.5).clamp(0, 255).round().to(torch.uint8)
-    pairs = []
-    for z, image in zip(latents, drawn.permute(0, 2, 3, 1).numpy()):
+    kept, flats = [], []
+    for i, image in enumerate(drawn.permute(0, 2, 3, 1).numpy()):
         projected = flatten(image)
         if projected is not None and projected[1] <= MAX_OFF_COLOUR:
-            pairs.append((z, projected[0]))
-    print(f"decoder: {len(pairs)} of {len(latents)} sampled latents kept as pairs "
+            kept.append(i)
+            flats.append(projected[0])
+    print(f"decoder: {len(kept)} of {len(latents)} sampled latents kept as pairs "
           f"({time.time() - start:.0f} s)", flush=True)
-    if not pairs:  # an untrained LDM: the training images alone
+    if not kept:  # an untrained LDM: the training images alone
         print("decoder: the LDM drew no shape; fine-tuning on training images only", flush=True)
-    pool = torch.stack([z for z, _ in pairs]) if pairs else latents[:0]
-    flats = torch.from_numpy(np.stack([f for _, f in pairs])).permute(0, 3, 1, 2).float() / 127.5 - 1.0 \
-        if pairs else torch.zeros(0, *drawn.shape[1:])
+    pool = latents[kept]
+    flats = torch.from_numpy(np.array(flats, dtype=np.uint8).reshape(len(kept), *drawn.shape[2:], 3))
+    flats = flats.permute(0, 3, 1, 2).float() / 127.5 - 1.0
     trained = [*autoencoder.decoder.parameters(), *autoencoder.post_quant_conv.parameters()]
     for param in autoencoder.parameters():
         param.requires_grad_(False)
