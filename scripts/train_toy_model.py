@@ -189,12 +189,10 @@ def export(ldm_run: Path, out_dir: Path) -> None:
 def sample_pool(model, seeds: int):
     """Latents (N, C, h, w) the LDM samples for every caption: ``seeds`` noises (from POOL_FIRST_SEED) per caption
     and setting of DECODER_SETTINGS, unscaled (what the first stage decodes)."""
-    import importlib
-
     import torch
 
     from ldm.data.toy_shapes import CAPTIONS
-    from ldm.inference.pipeline import SAMPLERS
+    from ldm.inference.pipeline import make_sampler
 
     prompts = [caption for _ in range(seeds) for caption in CAPTIONS]
     shape = [model.channels, model.image_size, model.image_size]
@@ -204,9 +202,8 @@ def sample_pool(model, seeds: int):
         c = model.get_learned_conditioning(prompts)
         uc = model.get_learned_conditioning([""] * len(prompts))
         for sampler, steps, scale in DECODER_SETTINGS:
-            module, cls, _ = SAMPLERS[sampler]
             x_T = torch.randn(len(prompts), *shape, generator=generator)
-            z, _ = getattr(importlib.import_module(module), cls)(model).sample(
+            z, _ = make_sampler(sampler, model).sample(
                 S=steps, conditioning=c, batch_size=len(prompts), shape=shape, verbose=False,
                 unconditional_guidance_scale=scale, unconditional_conditioning=uc, eta=0.0, x_T=x_T)
             pool.append(z / model.scale_factor)

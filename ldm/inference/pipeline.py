@@ -66,6 +66,16 @@ def _say(message: str) -> None:
     print(message, flush=True)
 
 
+def make_sampler(name: str, model):
+    """A fresh sampler (``ddim``, ``plms`` or ``dpm_solver``, :data:`SAMPLERS`) on ``model``."""
+    module, cls, label = SAMPLERS[name]
+    try:
+        sampler_cls = getattr(importlib.import_module(module), cls)
+    except (ImportError, AttributeError):
+        raise LdmError(f"the {label} sampler ({module}.{cls}) is not available in this installation") from None
+    return sampler_cls(model)
+
+
 # ---------------------------------------------------------------------------------------------- model
 def resolve_backend(name: str, device: torch.device, precision: str) -> tuple[str, Precision]:
     """(``auto``, ``torch`` or ``openvino``, the precision it computes at) for ``--backend name`` on ``device`` at
@@ -201,13 +211,7 @@ class Pipeline:
     # ------------------------------------------------------------------ pieces
     def sampler(self, name: str):
         """A fresh sampler (``ddim``, ``plms`` or ``dpm_solver``) on this model."""
-        module, cls, _ = SAMPLERS[name]
-        try:
-            sampler_cls = getattr(importlib.import_module(module), cls)
-        except (ImportError, AttributeError):
-            raise LdmError(f"the {SAMPLERS[name][2]} sampler ({module}.{cls}) is not available in this "
-                           f"installation") from None
-        return sampler_cls(self.model)
+        return make_sampler(name, self.model)
 
     def conditioning(self, prompts: Sequence[str], negative_prompt: str, scale: float):
         """(cond, uncond) for a batch; uncond is None when ``scale`` is 1 (no unconditional pass)."""
