@@ -194,7 +194,7 @@ def test_damaged_entries_are_rebuilt(ov_tiny, tiny_model, tiny_io, ov_cache, tmp
     assert sum("damaged" in n for n in notices) == 2
     for part in ("decoder", "text_encoder"):  # rewritten whole
         entry = entry_of(cache, part)
-        ov_backend._check_entry(entry, json.loads((entry / "meta.json").read_text())["key"])
+        ov_backend.check_entry(entry, json.loads((entry / "meta.json").read_text())["key"])
     assert not list(cache.glob(".tmp-*")) and not list(cache.glob(".trash-*"))
 
 
@@ -205,14 +205,14 @@ def test_an_entry_check_sees_a_changed_byte(tmp_path):
     (entry / "model.bin").write_bytes(bytes(1000))
     files = {name: ov_backend._file_record(entry / name) for name in ("model.xml", "model.bin")}
     (entry / "meta.json").write_text(json.dumps({"key": "k", "format": ov_backend.FORMAT, "files": files}))
-    ov_backend._check_entry(entry, "k")
+    ov_backend.check_entry(entry, "k")
     with pytest.raises(ValueError, match="key"):
-        ov_backend._check_entry(entry, "another key")
+        ov_backend.check_entry(entry, "another key")
     data = bytearray((entry / "model.xml").read_bytes())
     data[1000] ^= 1
     (entry / "model.xml").write_bytes(bytes(data))
     with pytest.raises(ValueError, match="model.xml"):
-        ov_backend._check_entry(entry, "k")
+        ov_backend.check_entry(entry, "k")
 
 
 def _stand_in_export(*args, path=None, write=None):
@@ -506,11 +506,12 @@ def test_auto_is_openvino_where_it_was_measured_faster(monkeypatch, tiny_model):
     assert pipeline.auto_backend(tiny_model, cpu, FULL) == "torch"
 
 
-def test_load_pipeline_takes_autos_choice(monkeypatch, tiny_config_path, tiny_ckpt):
+def test_load_pipeline_takes_autos_choice(monkeypatch, tiny_config_path, tiny_ckpt, tmp_path):
     """``load_pipeline(backend="auto")`` settles on the loaded model: OpenVINO (said, with the torch fallback on)
     where :func:`auto_backend` picks it, the torch backend where not."""
     from ldm.inference import pipeline
 
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
     said: list[str] = []
     monkeypatch.setattr(pipeline, "auto_backend", lambda model, device, prec: "openvino")
     pipe = pipeline.load_pipeline(tiny_config_path, tiny_ckpt, device="cpu", precision="full", say=said.append)
@@ -521,6 +522,104 @@ def test_load_pipeline_takes_autos_choice(monkeypatch, tiny_config_path, tiny_ck
     monkeypatch.setattr(pipeline, "auto_backend", lambda model, device, prec: "torch")
     assert not isinstance(pipeline.load_pipeline(tiny_config_path, tiny_ckpt, device="cpu", precision="full").model,
                           OpenVINOModel)
+
+
+# ---------------------------------------------------------------------------------------------- a run from the record
+@pytest.fixture
+def recorded(monkeypatch, tmp_path, tiny_config_path, tiny_ckpt, tiny_io):
+    """A pipeline run once on OpenVINO (converting, and recording the model) in a fresh cache; returns (the images
+    of that run, a function that loads the pipeline again)."""
+    from ldm.inference import pipeline
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+
+    def load(backend="openvino"):
+        return pipeline.load_pipeline(tiny_config_path, tiny_ckpt, device="cpu", precision="full",
+                                      backend=backend, say=lambda message: None)
+
+    first = load()
+    assert first.model.__dict__["_torch_model"] is not None
+    images, _ = first.generate(["a red circle"], [3], Settings(steps=5, height=64, width=64))
+    assert len(list((tmp_path / "cache" / "ldm" / "openvino" / "models").glob("*.json"))) == 1
+    return images, load
+
+
+def test_a_second_run_builds_no_torch_model(recorded, tiny_model, tiny_io, monkeypatch):
+    """From its record, the model runs with no torch model (nor Lightning's import): the same images, the
+    original's latents, its schedule and sizes."""
+    images, load = recorded
+    pipe = load()
+    model = pipe.model
+    assert isinstance(model, OpenVINOModel) and model.__dict__["_torch_model"] is None
+    for name in ("betas", "alphas_cumprod", "alphas_cumprod_prev", "sqrt_alphas_cumprod",
+                 "sqrt_one_minus_alphas_cumprod"):
+        assert torch.equal(getattr(model, name), getattr(tiny_model, name)), name
+    assert (model.num_timesteps, model.scale_factor, model.channels) == \
+        (tiny_model.num_timesteps, tiny_model.scale_factor, tiny_model.channels)
+    reference = Pipeline(tiny_model, torch.device("cpu"), FULL)
+    assert (pipe.size_multiple, pipe.downsampling_factor, pipe.latent_channels) == \
+        (reference.size_multiple, reference.downsampling_factor, reference.latent_channels)
+    text = "a red circle " * 30
+    assert pipe.prompt_tokenizer.count_tokens(text) == tiny_model.cond_stage_model.count_tokens(text) > 77
+    again, _ = pipe.generate(["a red circle"], [3], Settings(steps=5, height=64, width=64))
+    np.testing.assert_array_equal(again, images)
+    monkeypatch.setattr(pipe, "noise", lambda seeds, shape, draws=1: [tiny_io["x_T"]])
+    with torch.no_grad():
+        latents = pipe.txt2img_latents(PROMPTS, [0, 1], Settings(steps=10, height=64, width=64))
+    assert_matches_reference(latents, tiny_io["ddim_s10_eta0"], "ddim_s10_eta0")
+    assert model.__dict__["_torch_model"] is None and [p.conversions for p in model.parts] == [0, 0, 0, 0]
+
+
+def test_what_only_the_torch_model_has_builds_it(recorded, tiny_model, tiny_io):
+    """Image-to-image on a recorded model converts the encoder from a torch model built then (the original's
+    posterior), and the record gains it; an attribute only the torch model has builds it too."""
+    _, load = recorded
+    model = load().model
+    posterior = model.encode_first_stage(tiny_io["img"])
+    assert model.__dict__["_torch_model"] is not None and model.encoder.conversions == 1
+    assert_matches_reference(posterior.mean, tiny_io["post_mean"], "post_mean")
+    again = load().model
+    again.encode_first_stage(tiny_io["img"])
+    assert again.__dict__["_torch_model"] is None and again.encoder.conversions == 0
+    assert again.first_stage_model.embed_dim == tiny_model.first_stage_model.embed_dim  # built for the asking
+
+
+def test_a_record_is_used_only_as_it_was_written(recorded, monkeypatch, tmp_path):
+    """Other library versions, edited model code, a damaged cache entry: the torch model is built, and the run
+    is the torch-built one's."""
+    images, load = recorded
+    monkeypatch.setattr(ov_backend, "openvino_version", lambda: "0.0.0-other")
+    assert load().model.__dict__["_torch_model"] is not None
+    monkeypatch.undo()
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    (record,) = (tmp_path / "cache" / "ldm" / "openvino" / "models").glob("*.json")
+    data = json.loads(record.read_text())
+    assert load().model.__dict__["_torch_model"] is None
+    data["code"]["sha256"] = "0" * 64  # as if a file of the model's code had changed since
+    record.write_text(json.dumps(data))
+    assert load().model.__dict__["_torch_model"] is not None
+    pipe = load()
+    pipe.generate(["a red circle"], [3], Settings(steps=5, height=64, width=64))  # writes the record again
+    assert load().model.__dict__["_torch_model"] is None
+    unet = entry_of(tmp_path / "cache" / "ldm" / "openvino", "unet")
+    with open(unet / "model.bin", "r+b") as f:
+        f.truncate(unet.joinpath("model.bin").stat().st_size // 2)
+    pipe = load()
+    assert pipe.model.__dict__["_torch_model"] is not None
+    again, _ = pipe.generate(["a red circle"], [3], Settings(steps=5, height=64, width=64))
+    np.testing.assert_array_equal(again, images)
+
+
+def test_auto_takes_a_recorded_model_where_it_picks_openvino(recorded, monkeypatch):
+    from ldm.inference import pipeline
+
+    _, load = recorded
+    monkeypatch.setattr(pipeline, "auto_backend_for", lambda *args: "openvino")
+    model = load(backend="auto").model
+    assert isinstance(model, OpenVINOModel) and model.__dict__["_torch_model"] is None
+    assert all(part.fallback for part in model.parts)
+    monkeypatch.setattr(pipeline, "auto_backend_for", lambda *args: "torch")
+    assert not isinstance(load(backend="auto").model, OpenVINOModel)
 
 
 def test_the_script_on_openvino_makes_the_torch_backends_images(tmp_path):

@@ -421,7 +421,7 @@ def _generate(opt: RunOptions, group: distributed.Group, jobs: list[Job], my_job
 
 
 def _warn_long_prompts(pipe: Pipeline, prompts: Sequence[str], negative: str, say: Callable[[str], None]) -> None:
-    encoder = getattr(pipe.model, "cond_stage_model", None)
+    encoder = pipe.prompt_tokenizer
     if not hasattr(encoder, "count_tokens"):
         return
     limit = getattr(encoder, "max_length", 77)

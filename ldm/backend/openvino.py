@@ -31,6 +31,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import hashlib
+import importlib.metadata
 import importlib.util
 import inspect
 import itertools
@@ -130,8 +131,12 @@ def source_digest(module: nn.Module, package: str = "ldm") -> str:
     classes make up its tree and, transitively, of the ``package`` modules whose names those use (functions,
     classes, modules), with this file. Libraries outside ``package`` are covered by their versions. An edit
     elsewhere (the samplers, the command line) keeps the cache."""
-    names = {type(m).__module__ for m in module.modules()}
-    return _files_digest(frozenset(_package_closure(names, package)))
+    return _files_digest(source_modules(module, package))
+
+
+def source_modules(module: nn.Module, package: str = "ldm") -> frozenset[str]:
+    """The ``package`` modules :func:`source_digest` covers for ``module``."""
+    return frozenset(_package_closure({type(m).__module__ for m in module.modules()}, package))
 
 
 def _package_closure(names: set[str], package: str) -> set[str]:
@@ -153,20 +158,23 @@ def _package_closure(names: set[str], package: str) -> set[str]:
 
 @functools.cache
 def _files_digest(names: frozenset[str]) -> str:
+    return files_digest({name: getattr(sys.modules[name], "__file__", None) for name in names})
+
+
+def files_digest(files: dict[str, str | None]) -> str:
+    """sha256 of this file and of ``files`` ({module name: its file}, read in name order; None: skipped)."""
     digest = hashlib.sha256(Path(__file__).read_bytes())
-    for name in sorted(names):
-        file = getattr(sys.modules[name], "__file__", None)
-        if file:
-            digest.update(name.encode() + b"\0" + Path(file).read_bytes() + b"\0")
+    for name in sorted(files):
+        if files[name]:
+            digest.update(name.encode() + b"\0" + Path(files[name]).read_bytes() + b"\0")
     return digest.hexdigest()
 
 
-def _library_versions() -> dict[str, str]:
+def library_versions() -> dict[str, str]:
+    """The versions of torch, OpenVINO and transformers (read from the installed metadata: nothing imported)."""
     versions = {"torch": torch.__version__, "openvino": openvino_version()}
-    with contextlib.suppress(ImportError):
-        import transformers
-
-        versions["transformers"] = transformers.__version__
+    with contextlib.suppress(importlib.metadata.PackageNotFoundError):
+        versions["transformers"] = importlib.metadata.version("transformers")
     return versions
 
 
@@ -285,7 +293,7 @@ def _file_record(path: Path) -> dict:
     return {"size": size, "sample_sha256": _sample_digest(path)}
 
 
-def _check_entry(entry: Path, key: str) -> None:
+def check_entry(entry: Path, key: str) -> None:
     """Raise ValueError unless ``entry`` is a complete entry for ``key`` (meta.json and the files it lists)."""
     meta = json.loads((entry / "meta.json").read_text())
     if meta.get("key") != key or meta.get("format") != FORMAT:
@@ -317,29 +325,73 @@ class OpenVINOPart:
     """One network through OpenVINO: converted once (or read from the cache), compiled per input shape.
 
     ``call``: the module to convert, called on tensors; ``weights``: the module whose weights key the cache (and
-    that ``release_weights`` gets once OpenVINO holds the network); ``axes``: per input, its symbolic axes as
-    {axis: (symbol, multiple)} (a symbol may appear in several inputs; sizes must be multiples); ``cache_dir``:
-    where entries live (None: converted in memory); ``model_hash``: returns the checkpoint's hash for the key;
-    ``code``: a digest of the source ``call`` computes with (default :func:`source_digest`); ``keep``: compiled shapes
-    kept at once (each holds its own packed weights); ``say``: one-line notices; ``fallback``: where OpenVINO cannot
-    convert or compile the network, say so and run ``call`` in torch (float32 weights) instead of raising
-    :class:`OpenVINOConversionError`. Calls take CPU torch tensors and return float32 torch tensors.
+    that ``release_weights`` gets once OpenVINO holds the network); both may instead come from ``modules``, called
+    once when first needed (a part bound to a cache entry, :meth:`bind`, may never need them); ``axes``: per input,
+    its symbolic axes as {axis: (symbol, multiple)} (a symbol may appear in several inputs; sizes must be
+    multiples); ``cache_dir``: where entries live (None: converted in memory); ``model_hash``: returns the
+    checkpoint's hash for the key; ``code``: a digest of the source ``call`` computes with (default
+    :func:`source_digest`); ``keep``: compiled shapes kept at once (each holds its own packed weights); ``say``:
+    one-line notices; ``fallback``: where OpenVINO cannot convert or compile the network, say so and run ``call`` in
+    torch (float32 weights) instead of raising :class:`OpenVINOConversionError`; ``on_entry``: called with the part
+    when it has taken a cache entry. Calls take CPU torch tensors and return float32 torch tensors.
     """
 
-    def __init__(self, name: str, call: nn.Module, weights: nn.Module, axes: Sequence[dict[int, tuple[str, int]]],
-                 cache_dir: Path | None = None, model_hash: Callable[[], str | None] = lambda: None,
-                 code: str | None = None,
+    def __init__(self, name: str, call: nn.Module | None, weights: nn.Module | None,
+                 axes: Sequence[dict[int, tuple[str, int]]], cache_dir: Path | None = None,
+                 model_hash: Callable[[], str | None] = lambda: None, code: str | None = None,
                  keep: int = 1, say: Callable[[str], None] = lambda message: None,
-                 release_weights: Callable[[nn.Module], Any] | None = None, fallback: bool = False):
-        self.name, self.call, self.weights, self.axes = name, call, weights, list(axes)
+                 release_weights: Callable[[nn.Module], Any] | None = None, fallback: bool = False,
+                 modules: Callable[[], tuple[nn.Module, nn.Module]] | None = None,
+                 on_entry: Callable[[OpenVINOPart], Any] | None = None):
+        if call is None and modules is None:
+            raise ValueError("OpenVINOPart needs its module: call and weights, or modules")
+        self.name, self._call, self._weights, self.axes = name, call, weights, list(axes)
+        self._modules, self._code = modules, code
         self.fallback, self.in_torch = fallback, False
         self.cache_dir, self.model_hash, self.keep, self.say = cache_dir, model_hash, keep, say
-        self.code = source_digest(call) if code is None else code
-        self.release_weights = release_weights
+        self.release_weights, self.on_entry = release_weights, on_entry
         self.entry: Path | None = None  # the cache entry in use (None: converted in memory only)
+        self.entry_key: str | None = None
+        self.entry_types: list[str] | None = None  # its inputs' dtypes and fixed sizes
         self.conversions = 0  # how many times this object converted the network (the cache tests read it)
         self._model = None  # the converted openvino.Model, when there is no cache to compile from
         self._compiled: OrderedDict[tuple, Any] = OrderedDict()
+
+    def _take_modules(self) -> None:
+        if self._call is None:
+            self._call, self._weights = self._modules()
+
+    @property
+    def call(self) -> nn.Module:
+        """The torch module the network is converted from (from ``modules`` at the first use)."""
+        self._take_modules()
+        return self._call
+
+    @property
+    def weights(self) -> nn.Module:
+        """The module whose weights key the cache (from ``modules`` at the first use)."""
+        self._take_modules()
+        return self._weights
+
+    @property
+    def code(self) -> str:
+        """The digest of the source ``call`` computes with (:func:`source_digest`), part of the key."""
+        if self._code is None:
+            self._code = source_digest(self.call)
+        return self._code
+
+    @code.setter
+    def code(self, value: str) -> None:
+        self._code = value
+
+    def has_modules(self) -> bool:
+        """Whether the torch modules are at hand (a bound part may not have needed them)."""
+        return self._call is not None
+
+    def bind(self, entry: Path, key: str, input_types: Sequence[str]) -> None:
+        """Use the cache entry ``entry`` (checked against ``key`` by the caller) for inputs of ``input_types``
+        (:meth:`input_types`), without computing its key: nothing of the torch module is needed to run."""
+        self.entry, self.entry_key, self.entry_types = entry, key, list(input_types)
 
     # -------------------------------------------------------------- key and entry
     def describe(self, input_types: Sequence[str]) -> dict:
@@ -347,15 +399,18 @@ class OpenVINOPart:
         return {"format": FORMAT, "part": self.name, "checkpoint": self.model_hash(),
                 "weights": weights_fingerprint(self.weights), "structure": structure_digest(self.call),
                 "code": self.code, "inputs": list(input_types), "axes": [
-                    {str(k): list(v) for k, v in a.items()} for a in self.axes], **_library_versions()}
+                    {str(k): list(v) for k, v in a.items()} for a in self.axes], **library_versions()}
 
     def _static_shapes(self, inputs: Sequence[torch.Tensor]) -> list[tuple[int, ...]]:
         """The input shapes with the symbolic axes blanked (-1): what one converted model serves."""
         return [tuple(-1 if axis in a else n for axis, n in enumerate(t.shape)) for t, a in zip(inputs, self.axes)]
 
+    def input_types(self, inputs: Sequence[torch.Tensor]) -> list[str]:
+        """The inputs' dtypes and fixed sizes (symbolic axes -1): what one cache entry serves."""
+        return [f"{t.dtype}{list(s)}" for t, s in zip(inputs, self._static_shapes(inputs))]
+
     def key(self, inputs: Sequence[torch.Tensor]) -> tuple[str, dict]:
-        types = [f"{t.dtype}{list(s)}" for t, s in zip(inputs, self._static_shapes(inputs))]
-        description = self.describe(types)
+        description = self.describe(self.input_types(inputs))
         return hashlib.sha256(json.dumps(description, sort_keys=True).encode()).hexdigest(), description
 
     def _convert(self, inputs: Sequence[torch.Tensor], path: Path | None = None):
@@ -370,11 +425,12 @@ class OpenVINOPart:
         """The cache entry for this network (built when missing or damaged); None where the cache cannot be
         written (the network is then converted in memory)."""
         key, description = self.key(inputs)
+        self.entry_key = key
         root = Path(self.cache_dir)
         entry = root / f"{self.name}-{key[:24]}"
         if entry.exists():
             try:
-                _check_entry(entry, key)
+                check_entry(entry, key)
                 return entry
             except (OSError, ValueError, KeyError, TypeError) as err:
                 self.say(f"notice: the OpenVINO cache entry {entry} is damaged ({err}); converting again")
@@ -397,7 +453,7 @@ class OpenVINOPart:
                 if not entry.exists():
                     raise
                 _discard(temp)  # another process wrote the same entry meanwhile
-                _check_entry(entry, key)
+                check_entry(entry, key)
         except OSError as err:
             _discard(temp)
             self.say(f"notice: cannot write the OpenVINO cache in {root} ({err}); converting without a cache")
@@ -409,10 +465,15 @@ class OpenVINOPart:
 
     # -------------------------------------------------------------- compile and run
     def _compile(self, inputs: Sequence[torch.Tensor], hint: str):
+        if self.entry is not None and self.entry_types is not None and self.entry_types != self.input_types(inputs):
+            self.entry = None  # a bound entry serves other inputs: this one is looked up by its key
         if self.entry is None and self._model is None:
             self.entry = self._entry(inputs) if self.cache_dir is not None else None
+            self.entry_types = self.input_types(inputs)
             if self.entry is None:
                 self._model = self._convert(inputs)
+            elif self.on_entry is not None:
+                self.on_entry(self)
             if self.release_weights is not None:
                 self.release_weights(self.weights)
         config = {"INFERENCE_PRECISION_HINT": hint, "PERFORMANCE_HINT": "LATENCY"}

@@ -109,10 +109,15 @@ def auto_backend(model, device: torch.device, prec: Precision) -> str:
     (at least ``OPENVINO_AUTO_MIN_PARAMETERS``; the toy model's converts for longer than it samples), and memory for
     the conversion (``OPENVINO_AUTO_MEMORY`` x the model's float32 size available). Torch everywhere else: on AVX2
     CPUs OpenVINO was no faster (UNet step 1.05x, decode 1.66x of torch's time, 2-core Zen 3)."""
+    return auto_backend_for(sum(p.numel() for p in model.model.parameters()),
+                            sum(p.numel() for p in model.parameters()), device, prec)
+
+
+def auto_backend_for(unet_parameters: int, parameters: int, device: torch.device, prec: Precision) -> str:
+    """:func:`auto_backend` for a model of ``unet_parameters`` in its UNet and ``parameters`` in all."""
     from ldm.backend import openvino
     from ldm.backend.memory import available_memory_bytes
 
-    unet_parameters = sum(p.numel() for p in model.model.parameters())
     if device.type != "cpu" or prec.label not in ("fp32", "bf16") or unet_parameters < OPENVINO_AUTO_MIN_PARAMETERS:
         return "torch"
     if not openvino.available() or torch.backends.cpu.get_cpu_capability() != "AVX512":
@@ -124,7 +129,7 @@ def auto_backend(model, device: torch.device, prec: Precision) -> str:
     if prec.label == "bf16" and not openvino.cpu_computes_bf16():
         return "torch"
     memory = available_memory_bytes()
-    if memory is not None and memory < OPENVINO_AUTO_MEMORY * 4 * sum(p.numel() for p in model.parameters()):
+    if memory is not None and memory < OPENVINO_AUTO_MEMORY * 4 * parameters:
         return "torch"
     return "openvino"
 
@@ -204,9 +209,18 @@ class Pipeline:
     @property
     def size_multiple(self) -> int:
         """Image sides must be multiples of this: the autoencoder's factor times the UNet's downsampling."""
+        facts = getattr(self.model, "facts", None)  # an OpenVINO model knows it without its torch UNet
+        if facts is not None:
+            return self.downsampling_factor * facts["unet_downsampling"]
         unet = self.model.model.diffusion_model
         levels = len(getattr(unet, "channel_mult", (1, 2, 4, 4))) - 1
         return self.downsampling_factor * 2 ** levels
+
+    @property
+    def prompt_tokenizer(self):
+        """What tokenizes prompts (``count_tokens``, ``max_length``), or None for a conditioning without one."""
+        tokens = getattr(self.model, "prompt_tokenizer", None)
+        return tokens if tokens is not None else getattr(self.model, "cond_stage_model", None)
 
     # ------------------------------------------------------------------ pieces
     def sampler(self, name: str):
@@ -215,30 +229,38 @@ class Pipeline:
 
     def conditioning(self, prompts: Sequence[str], negative_prompt: str, scale: float):
         """(cond, uncond) for a batch; uncond is None when ``scale`` is 1 (no unconditional pass)."""
-        self.use(self.model.cond_stage_model)
+        self.use("cond_stage_model")
         uc = None
         if scale != 1.0:
             uc = self.model.get_learned_conditioning(len(prompts) * [negative_prompt])
         c = self.model.get_learned_conditioning(list(prompts))
         return c, uc
 
+    def _part(self, part: str | torch.nn.Module) -> torch.nn.Module | None:
+        """A torch model's part (``cond_stage_model``, ``model``, ``first_stage_model``) by name; None for a model
+        that is not a torch module (an OpenVINO model holds no weights of its own to manage)."""
+        if not isinstance(part, str):
+            return part
+        return getattr(self.model, part) if isinstance(self.model, torch.nn.Module) else None
+
     def _weights_of(self, part: torch.nn.Module) -> PartWeights | None:
         return next((w for w in self.part_weights if w.part is part), None)
 
-    def use(self, part: torch.nn.Module) -> None:
-        """Give a model part its compute weights (a no-op where it always holds them)."""
-        weights = self._weights_of(part)
+    def use(self, part: str | torch.nn.Module) -> None:
+        """Give a model part (or its name) its compute weights (a no-op where it always holds them)."""
+        weights = self._weights_of(self._part(part))
         if weights is not None:
             weights.use()
 
-    def set_aside(self, part: torch.nn.Module) -> None:
-        """On the CPU, let go of the weights of a model part that is done for now: converted copies are freed
-        and memory-mapped file pages go back to the page cache, so the UNet does not count in the process's
-        memory while the autoencoder decodes, nor the autoencoder while the UNet samples."""
+    def set_aside(self, part: str | torch.nn.Module) -> None:
+        """On the CPU, let go of the weights of a model part (or its name) that is done for now: converted copies
+        are freed and memory-mapped file pages go back to the page cache, so the UNet does not count in the
+        process's memory while the autoencoder decodes, nor the autoencoder while the UNet samples."""
+        part = self._part(part)
         weights = self._weights_of(part)
         if weights is not None:
             weights.set_aside()
-        elif self.device.type == "cpu":
+        elif self.device.type == "cpu" and part is not None:
             release_file_pages(part)
 
     @staticmethod
@@ -259,7 +281,7 @@ class Pipeline:
     def decode(self, latents: torch.Tensor) -> np.ndarray:
         """Latents (B, C, h, w) -> uint8 images (B, H, W, 3); tiled when an untiled decode would not fit in
         memory, redone in float32 when a reduced-precision decode overflows."""
-        self.use(self.model.first_stage_model)
+        self.use("first_stage_model")
         tiled = (lambda z: tiled_decode(self.model, z)) if decode_needs_tiling(latents) else None
         return to_uint8(decode_first_stage(self.model, latents, decode=tiled))
 
@@ -278,7 +300,7 @@ class Pipeline:
         generators = self.generators(seeds)
         (x_T,) = self.noise(generators, shape)
         c, uc = conditioning or self.conditioning(prompts, settings.negative_prompt, settings.scale)
-        self.use(self.model.model)
+        self.use("model")
         sampler = self.sampler(settings.sampler)
         samples, _ = sampler.sample(S=settings.steps, conditioning=c, batch_size=len(prompts), shape=shape,
                                     verbose=False, unconditional_guidance_scale=settings.scale,
@@ -288,12 +310,12 @@ class Pipeline:
     def encode_init(self, image: torch.Tensor):
         """Init image (1, 3, H, W) in [-1, 1] -> the first stage's posterior (tiled for large images)."""
         image = image.to(self.device, self.precision.weight_dtype)
-        self.use(self.model.first_stage_model)
+        self.use("first_stage_model")
         if image.shape[2] * image.shape[3] > ENCODE_TILE_ABOVE:
             posterior = tiled_encode(self.model, image)
         else:
             posterior = self.model.encode_first_stage(image)
-        self.set_aside(self.model.first_stage_model)
+        self.set_aside("first_stage_model")
         return posterior
 
     def img2img_latents(self, prompts: Sequence[str], seeds: Sequence[int], posterior,
@@ -307,7 +329,7 @@ class Pipeline:
         z = z_mean.float() + posterior.std.float() * eps
         init_latent = self.model.get_first_stage_encoding(z)
         c, uc = conditioning or self.conditioning(prompts, settings.negative_prompt, settings.scale)
-        self.use(self.model.model)
+        self.use("model")
         sampler = self.sampler(settings.sampler)
         t_enc = img2img_steps(settings.strength, settings.steps)
         sampler.make_schedule(ddim_num_steps=settings.steps, ddim_eta=settings.eta, verbose=False)
@@ -333,7 +355,7 @@ class Pipeline:
         groups = [([p], [s]) for p, s in zip(prompts, seeds)] if per_image else [(list(prompts), list(seeds))]
         with torch.no_grad(), self.precision.context(self.device):
             conditionings = [self.conditioning(p, settings.negative_prompt, settings.scale) for p, _ in groups]
-            self.set_aside(self.model.cond_stage_model)
+            self.set_aside("cond_stage_model")
             latents = []
             for (group_prompts, group_seeds), conditioning in zip(groups, conditionings):
                 if posterior is None:
@@ -341,9 +363,9 @@ class Pipeline:
                 else:
                     latents.append(self.img2img_latents(group_prompts, group_seeds, posterior, settings,
                                                         conditioning))
-            self.set_aside(self.model.model)
+            self.set_aside("model")
             images = np.concatenate([self.decode(z) for z in latents])
-            self.set_aside(self.model.first_stage_model)
+            self.set_aside("first_stage_model")
         flagged = self.check_safety(images)
         for i, bad in enumerate(flagged):
             if bad:
@@ -363,26 +385,14 @@ def img2img_steps(strength: float, steps: int) -> int:
     return int(strength * steps)
 
 
-def load_pipeline(config: str | Path, ckpt: str | Path, device: str = "auto", precision: str = "autocast",
-                  safety_checker: str = "off", say: Callable[[str], None] = _say, verbose: bool = True,
-                  backend: str = "auto") -> Pipeline:
-    """Load the model of ``config``/``ckpt`` on ``device`` at ``precision``, and the safety checker
-    (``verbose``: print the checkpoint's step and loading notes). ``backend``: what runs the networks
-    (:func:`resolve_backend`); with ``openvino`` the model is an :class:`ldm.inference.openvino.OpenVINOModel`."""
-    from ldm.inference.safety import load_safety_checker
-
-    torch_device = resolve_device(device)
-    backend, prec = resolve_backend(backend, torch_device, precision)
-    notice = slow_precision_notice(prec, torch_device) if backend != "openvino" else None
-    check_model_files(config, ckpt)
-    config_obj = load_config(config)
-    model_hash = ModelHash(ckpt)
-    say(f"Loading model from {ckpt}")
-    # CPU: weights as stored, parts converted when used (ldm.inference.residency) or by OpenVINO; elsewhere at once
-    on_demand = torch_device.type == "cpu"
+def load_torch_model(config, config_obj, ckpt: str | Path, device: torch.device, prec: Precision,
+                     verbose: bool = True) -> torch.nn.Module:
+    """The torch model of ``config_obj`` (read from the file ``config``) with the weights of ``ckpt``, for
+    inference: the EMA weights swapped in where the checkpoint has them; on the CPU weights as stored (parts are
+    converted when used, :mod:`ldm.inference.residency`, or by OpenVINO), elsewhere at ``prec``."""
     try:
-        model = load_model_from_config(config_obj, ckpt, device=torch_device, dtype=prec.weight_dtype, verbose=verbose,
-                                       as_stored=on_demand)
+        model = load_model_from_config(config_obj, ckpt, device=device, dtype=prec.weight_dtype, verbose=verbose,
+                                       as_stored=device.type == "cpu")
     except CheckpointError:
         raise
     except (ImportError, AttributeError, KeyError, TypeError, ValueError, FileNotFoundError) as err:
@@ -395,6 +405,79 @@ def load_pipeline(config: str | Path, ckpt: str | Path, device: str = "auto", pr
                 param.data = shadow[ema.m_name2s_name[name]]
         model.use_ema = False
         del model.model_ema
+    return model
+
+
+def model_identity(config_obj, model_hash: ModelHash, wait: bool = True) -> dict | None:
+    """What names a model for the OpenVINO backend's records: the checkpoint's sha256 and the config's model
+    entry (None without a checkpoint file; ``wait=False``: also while its sha256 is not known yet)."""
+    from omegaconf import OmegaConf
+
+    sha256 = model_hash.sha256(wait)
+    if sha256 is None:
+        return None
+    return {"checkpoint": sha256, "config": OmegaConf.to_container(config_obj.model, resolve=True)}
+
+
+def _recorded_openvino_model(identity: dict | None, load: Callable[[], torch.nn.Module], device: torch.device,
+                             prec: Precision, backend: str, model_hash: ModelHash, say: Callable[[str], None],
+                             verbose: bool):
+    """The OpenVINO model an earlier run recorded for this checkpoint and config, without a torch model (see
+    :meth:`ldm.inference.openvino.OpenVINOModel.from_record`), where ``backend`` is or ``auto`` picks OpenVINO;
+    else None."""
+    from ldm.backend import openvino
+
+    if identity is None or device.type != "cpu" or not openvino.available():
+        return None
+    from ldm.inference.openvino import OpenVINOModel
+
+    try:
+        model = OpenVINOModel.from_record(identity, load, precision=prec.label, model_hash=model_hash.result,
+                                          say=say, release_weights=release_file_pages, fallback=backend == "auto")
+    except (ImportError, OSError, RuntimeError, ValueError):
+        return None
+    if model is None:
+        return None
+    facts = model.facts
+    if backend == "auto":
+        if auto_backend_for(facts["unet_parameters"], facts["parameters"], device, prec) != "openvino":
+            return None
+        say("backend: OpenVINO (--backend auto on this CPU; --backend torch for the reference)")
+    if verbose and facts.get("global_step") is not None:
+        say(f"Global Step: {facts['global_step']}")
+    return model
+
+
+def load_pipeline(config: str | Path, ckpt: str | Path, device: str = "auto", precision: str = "autocast",
+                  safety_checker: str = "off", say: Callable[[str], None] = _say, verbose: bool = True,
+                  backend: str = "auto") -> Pipeline:
+    """Load the model of ``config``/``ckpt`` on ``device`` at ``precision``, and the safety checker
+    (``verbose``: print the checkpoint's step and loading notes). ``backend``: what runs the networks
+    (:func:`resolve_backend`); with ``openvino`` the model is an :class:`ldm.inference.openvino.OpenVINOModel`,
+    which on a run after the first needs no torch model (its networks, schedule and tokenizer come from the
+    cache)."""
+    from ldm.inference.safety import load_safety_checker
+
+    torch_device = resolve_device(device)
+    backend, prec = resolve_backend(backend, torch_device, precision)
+    notice = slow_precision_notice(prec, torch_device) if backend != "openvino" else None
+    check_model_files(config, ckpt)
+    config_obj = load_config(config)
+    model_hash = ModelHash(ckpt)
+    say(f"Loading model from {ckpt}")
+    checker = load_safety_checker(safety_checker, torch_device, warn=say)
+
+    def load(verbose: bool = False) -> torch.nn.Module:
+        return load_torch_model(config, config_obj, ckpt, torch_device, prec, verbose)
+
+    name = Path(ckpt).resolve().stem
+    model = None
+    if backend in ("auto", "openvino"):  # a checkpoint hashed before may have a record
+        model = _recorded_openvino_model(model_identity(config_obj, model_hash, wait=False), load, torch_device,
+                                         prec, backend, model_hash, say, verbose)
+    if model is not None:
+        return Pipeline(model, torch_device, prec, checker, name, model_hash)
+    model = load(verbose)
     chosen = backend == "auto"
     if chosen:
         backend = auto_backend(model, torch_device, prec)
@@ -407,10 +490,10 @@ def load_pipeline(config: str | Path, ckpt: str | Path, device: str = "auto", pr
         from ldm.inference.openvino import OpenVINOModel
 
         model = OpenVINOModel(model, precision=prec.label, model_hash=model_hash.result, say=say,
-                              release_weights=release_file_pages, fallback=chosen)
-    elif on_demand:
+                              release_weights=release_file_pages, fallback=chosen,
+                              identity=lambda: model_identity(config_obj, model_hash))
+    elif torch_device.type == "cpu":
         memory_format = preferred_memory_format(torch_device, prec.weight_dtype)
         parts = [PartWeights(part, prec.weight_dtype, memory_format)
                  for part in (model.cond_stage_model, model.model, model.first_stage_model)]
-    checker = load_safety_checker(safety_checker, torch_device, warn=say)
-    return Pipeline(model, torch_device, prec, checker, Path(ckpt).resolve().stem, model_hash, parts)
+    return Pipeline(model, torch_device, prec, checker, name, model_hash, parts)

@@ -90,8 +90,12 @@ def tiled_decode(model: Any, z: torch.Tensor, tile: int = 64, overlap: int = 16)
 def tiled_encode(model: Any, x: torch.Tensor, tile: int = 512, overlap: int = 128) -> DiagonalGaussianDistribution:
     """``model.encode_first_stage(x)`` in overlapping tiles of ``tile`` image pixels; the tiles' moments
     (mean and log-variance) are blended. x: (B, 3, H, W) in [-1, 1], H and W multiples of 8."""
-    first_stage = model.first_stage_model
-    factor = 2 ** (len(first_stage.encoder.down) - 1) if hasattr(first_stage, "encoder") else 8
+    facts = getattr(model, "facts", None)  # an OpenVINO model knows it without its torch first stage
+    if facts is not None:
+        factor = facts["encoder_factor"]
+    else:
+        first_stage = model.first_stage_model
+        factor = 2 ** (len(first_stage.encoder.down) - 1) if hasattr(first_stage, "encoder") else 8
 
     def moments(crop: torch.Tensor) -> torch.Tensor:
         return model.encode_first_stage(crop).parameters

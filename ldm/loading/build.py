@@ -90,6 +90,7 @@ def load_model_from_config(config: Any, ckpt: str | Path | None, *, device: str 
         print(f"Global Step: {extras['global_step']}")
     with parameters_on_meta():
         model = instantiate_from_config(model_config)
+    model.checkpoint_global_step = extras.get("global_step")  # what the checkpoint says, for records of it
     _load(model, state_dict, str(ckpt), (), (), dtype, memory_format, True, True, FilePages.of(ckpt).release,
           as_stored)
     del state_dict

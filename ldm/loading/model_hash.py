@@ -33,10 +33,10 @@ def _identity(path: Path) -> str:
     return json.dumps([str(path.resolve()), st.st_size, st.st_mtime_ns, st.st_ino])
 
 
-def remembered_sha256(path: str | Path, memo: Path | None = None) -> str:
+def remembered_sha256(path: str | Path, memo: Path | None = None, compute: bool = True) -> str | None:
     """``file_sha256(path)``, read from ``memo`` (default ``~/.cache/ldm/sha256.json``) while the file keeps its
-    path, size, modification time and inode, else computed and remembered. A memo that cannot be read or written
-    only costs the hashing."""
+    path, size, modification time and inode, else computed and remembered (``compute=False``: None instead). A
+    memo that cannot be read or written only costs the hashing."""
     path = Path(path)
     memo = user_cache_dir() / "sha256.json" if memo is None else memo
     identity = _identity(path)
@@ -49,6 +49,8 @@ def remembered_sha256(path: str | Path, memo: Path | None = None) -> str:
     value = known.get(identity)
     if isinstance(value, str) and len(value) == 64:
         return value
+    if not compute:
+        return None
     value = file_sha256(path)
     if _identity(path) != identity:  # changed while it was read: not remembered
         return value
@@ -74,20 +76,32 @@ class ModelHash:
     (or remembered, :func:`remembered_sha256`)."""
 
     def __init__(self, path: str | Path | None):
-        self._value: str | None = None
+        self._sha256: str | None = None
         self._thread = None
-        if path is not None and Path(path).is_file():
+        self._path = Path(path) if path is not None and Path(path).is_file() else None
+        if self._path is not None:
             self._thread = threading.Thread(target=self._compute, args=(Path(path),), daemon=True)
             self._thread.start()
 
     def _compute(self, path: Path) -> None:
         try:
-            self._value = remembered_sha256(path)[:10]
+            self._sha256 = remembered_sha256(path)
         except OSError:
-            self._value = None
+            self._sha256 = None
+
+    def sha256(self, wait: bool = True) -> str | None:
+        """The whole sha256, waiting for it if needed (None when there is no file); ``wait=False``: only if it is
+        known already (remembered from an earlier run, or computed), else None."""
+        if not wait and self._thread is not None and self._thread.is_alive():
+            try:
+                return remembered_sha256(self._path, compute=False)
+            except OSError:
+                return None
+        if self._thread is not None:
+            self._thread.join()
+        return self._sha256
 
     def result(self) -> str | None:
         """The short hash, waiting for it if needed (None when there is no file)."""
-        if self._thread is not None:
-            self._thread.join()
-        return self._value
+        full = self.sha256()
+        return full[:10] if full else None

@@ -117,6 +117,26 @@ def _tokenizer(folder: Path | None):
     return CLIPTokenizer.from_pretrained(TOKENIZER_DIR, local_files_only=True)
 
 
+class CLIPPromptTokens:
+    """The CLIP text encoder's tokenizer on its own (no transformer): prompts -> token ids (B, max_length).
+    :class:`FrozenCLIPEmbedder` tokenizes this way; an inference engine that runs the transformer elsewhere
+    (:mod:`ldm.inference.openvino`) needs only this."""
+
+    def __init__(self, version: str = DEFAULT_CLIP_VERSION, max_length: int = 77):
+        self.tokenizer = _tokenizer(_local_folder(str(version)))
+        self.max_length = max_length
+
+    def tokenize(self, text: list[str]) -> torch.Tensor:
+        """Token ids (B, max_length): start token, BPE ids, end token, padded with the end token, truncated."""
+        batch_encoding = self.tokenizer(list(text), truncation=True, max_length=self.max_length,
+                                        padding="max_length", return_tensors="pt")
+        return batch_encoding["input_ids"]
+
+    def count_tokens(self, text: str) -> int:
+        """Number of tokens of ``text`` including start and end tokens, before truncation."""
+        return len(self.tokenizer(text, truncation=False).input_ids)
+
+
 class FrozenCLIPEmbedder(AbstractEncoder):
     """Prompts -> CLIP text hidden states (B, max_length, hidden), the cross-attention context of the UNet.
 
@@ -142,6 +162,7 @@ class FrozenCLIPEmbedder(AbstractEncoder):
         else:
             self.transformer = CLIPTextModel(_text_config(folder))
         self.device = device
+        self.version = version
         self.max_length = max_length
         self.freeze()
 
@@ -150,15 +171,8 @@ class FrozenCLIPEmbedder(AbstractEncoder):
         for param in self.parameters():
             param.requires_grad = False
 
-    def tokenize(self, text: list[str]) -> torch.Tensor:
-        """Token ids (B, max_length): start token, BPE ids, end token, padded with the end token, truncated."""
-        batch_encoding = self.tokenizer(list(text), truncation=True, max_length=self.max_length,
-                                        padding="max_length", return_tensors="pt")
-        return batch_encoding["input_ids"]
-
-    def count_tokens(self, text: str) -> int:
-        """Number of tokens of ``text`` including start and end tokens, before truncation."""
-        return len(self.tokenizer(text, truncation=False).input_ids)
+    tokenize = CLIPPromptTokens.tokenize
+    count_tokens = CLIPPromptTokens.count_tokens
 
     def forward(self, text: list[str]) -> torch.Tensor:
         embeddings = self.transformer.embeddings.token_embedding.weight
