@@ -34,6 +34,30 @@ def test_default_tokenizer_is_clip_vit_l14():
     assert ids[0] == 49406 and ids[-1] == 49407 and len(tokenizer) == 49408
 
 
+TEXTS = ["", "a photograph of an astronaut riding a horse", "  many   spaces\tand\nnewlines  ", "UPPER lower MiXeD",
+         "na\u00efve caf\u00e9 \u2014 \u201cquotes\u201d \U0001f600 \u65e5\u672c\u8a9e",
+         "<|startoftext|> special <|endoftext|> tokens", "don't they'll I'M", "numbers 1234567 3.14", "a,b;c!d?e...",
+         "word " * 100, "x" * 300]
+
+
+def test_token_ids_without_transformers_are_the_embedders(tiny_model, tiny_io):
+    """``CLIPTokenIds`` (the ``tokenizers`` pipeline alone, for the OpenVINO backend's runs from the cache): the
+    original's ids for the reference prompts, and the embedder's ids and counts for awkward text, long text
+    included, with the tiny model's tokenizer and the shipped ViT-L/14 one."""
+    from types import SimpleNamespace
+
+    from ldm.modules.encoders.modules import CLIPTokenIds, FrozenCLIPEmbedder, _tokenizer
+
+    ids = CLIPTokenIds(**CLIPTokenIds.state(tiny_model.cond_stage_model))
+    assert torch.equal(ids.tokenize(PROMPTS + [""]), tiny_io["tokens"])
+    default = SimpleNamespace(tokenizer=_tokenizer(None), max_length=77)
+    for embedder in (tiny_model.cond_stage_model, default):
+        ids = CLIPTokenIds(**CLIPTokenIds.state(embedder))
+        assert torch.equal(ids.tokenize(TEXTS), FrozenCLIPEmbedder.tokenize(embedder, TEXTS))
+        assert [ids.count_tokens(t) for t in TEXTS] == [FrozenCLIPEmbedder.count_tokens(embedder, t) for t in TEXTS]
+    assert ids.count_tokens("word " * 100) == 102 and ids.tokenize(["word " * 100]).shape == (1, 77)
+
+
 @pytest.mark.parametrize("name", ["cond", "uncond"])
 def test_conditioning(tiny_model, tiny_io, name):
     prompts = PROMPTS if name == "cond" else ["", ""]

@@ -43,7 +43,7 @@ from ldm.backend.openvino import (
 )
 from ldm.modules.diffusionmodules.util import extract_into_tensor
 from ldm.modules.distributions.distributions import DiagonalGaussianDistribution
-from ldm.modules.encoders.modules import CLIPPromptTokens, FrozenCLIPEmbedder
+from ldm.modules.encoders.modules import CLIPTokenIds, FrozenCLIPEmbedder
 
 
 # ---------------------------------------------------------------------------------------------- traced callables
@@ -143,7 +143,7 @@ def model_facts(model: nn.Module) -> dict:
         "schedule": {name: getattr(model, name).float().tolist() for name in SCHEDULE},
     }
     if isinstance(cond_stage, FrozenCLIPEmbedder) and model.cond_stage_forward is None:
-        facts["tokenizer"] = {"version": str(cond_stage.version), "max_length": int(cond_stage.max_length)}
+        facts["tokenizer"] = CLIPTokenIds.state(cond_stage)  # None: no run without the torch model
     return facts
 
 
@@ -197,7 +197,7 @@ class OpenVINOModel:
         self.encoder = OpenVINOPart("encoder", None, None, [{**batch, 2: ("height", factor), 3: ("width", factor)}],
                                     keep=2, modules=self._encoder_modules, **common)
         self.text_encoder = None
-        if "tokenizer" in facts:
+        if "tokenizer" in facts:  # CLIP
             self.text_encoder = OpenVINOPart("text_encoder", None, None, [batch], keep=2,
                                              modules=self._text_modules, **common)
         self.model = UNetFront(self, facts["conditioning_key"])
@@ -275,7 +275,7 @@ class OpenVINOModel:
             if model is not None:
                 tokens = model.cond_stage_model
             else:
-                tokens = CLIPPromptTokens(**self.facts["tokenizer"])
+                tokens = CLIPTokenIds(**self.facts["tokenizer"])
             self._prompt_tokens = tokens
         return tokens
 
@@ -401,7 +401,7 @@ def read_record(path: Path) -> dict | None:
         files = data["code"]["files"]
         if files_digest(files) != data["code"]["sha256"]:
             return None
-        if "tokenizer" not in data["facts"] or not all(name in data["entries"] for name in NEEDED):
+        if not data["facts"].get("tokenizer") or not all(name in data["entries"] for name in NEEDED):
             return None  # the torch model would be built anyway
         cache = path.parent.parent
         for found in data["entries"].values():

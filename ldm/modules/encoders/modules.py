@@ -117,24 +117,40 @@ def _tokenizer(folder: Path | None):
     return CLIPTokenizer.from_pretrained(TOKENIZER_DIR, local_files_only=True)
 
 
-class CLIPPromptTokens:
-    """The CLIP text encoder's tokenizer on its own (no transformer): prompts -> token ids (B, max_length).
-    :class:`FrozenCLIPEmbedder` tokenizes this way; an inference engine that runs the transformer elsewhere
-    (:mod:`ldm.inference.openvino`) needs only this."""
+class CLIPTokenIds:
+    """Prompts -> CLIP token ids through the ``tokenizers`` pipeline alone (no transformers import: 1 s less at
+    start-up), for an inference engine that runs the text transformer elsewhere (:mod:`ldm.inference.openvino`).
+    Built from what :meth:`state` takes of a :class:`FrozenCLIPEmbedder` (its tokenizer's serialized pipeline, the
+    length and the padding id), it gives that embedder's ``tokenize`` and ``count_tokens``."""
 
-    def __init__(self, version: str = DEFAULT_CLIP_VERSION, max_length: int = 77):
-        self.tokenizer = _tokenizer(_local_folder(str(version)))
+    def __init__(self, pipeline: str, max_length: int, pad_id: int):
+        from tokenizers import Tokenizer
+
         self.max_length = max_length
+        self._plain = Tokenizer.from_str(pipeline)
+        self._plain.no_truncation()
+        self._plain.no_padding()
+        self._fixed = Tokenizer.from_str(pipeline)
+        self._fixed.enable_truncation(max_length)
+        self._fixed.enable_padding(length=max_length, pad_id=pad_id)
+
+    @staticmethod
+    def state(embedder: FrozenCLIPEmbedder) -> dict | None:
+        """What rebuilds ``embedder``'s tokenization (JSON), or None where its tokenizer has no ``tokenizers``
+        pipeline."""
+        backend = getattr(embedder.tokenizer, "backend_tokenizer", None)
+        if backend is None or embedder.tokenizer.pad_token_id is None:
+            return None
+        return {"pipeline": backend.to_str(), "max_length": int(embedder.max_length),
+                "pad_id": int(embedder.tokenizer.pad_token_id)}
 
     def tokenize(self, text: list[str]) -> torch.Tensor:
-        """Token ids (B, max_length): start token, BPE ids, end token, padded with the end token, truncated."""
-        batch_encoding = self.tokenizer(list(text), truncation=True, max_length=self.max_length,
-                                        padding="max_length", return_tensors="pt")
-        return batch_encoding["input_ids"]
+        """Token ids (B, max_length), as :meth:`FrozenCLIPEmbedder.tokenize`."""
+        return torch.tensor([e.ids for e in self._fixed.encode_batch(list(text))], dtype=torch.long)
 
     def count_tokens(self, text: str) -> int:
         """Number of tokens of ``text`` including start and end tokens, before truncation."""
-        return len(self.tokenizer(text, truncation=False).input_ids)
+        return len(self._plain.encode(text).ids)
 
 
 class FrozenCLIPEmbedder(AbstractEncoder):
@@ -162,7 +178,6 @@ class FrozenCLIPEmbedder(AbstractEncoder):
         else:
             self.transformer = CLIPTextModel(_text_config(folder))
         self.device = device
-        self.version = version
         self.max_length = max_length
         self.freeze()
 
@@ -171,8 +186,15 @@ class FrozenCLIPEmbedder(AbstractEncoder):
         for param in self.parameters():
             param.requires_grad = False
 
-    tokenize = CLIPPromptTokens.tokenize
-    count_tokens = CLIPPromptTokens.count_tokens
+    def tokenize(self, text: list[str]) -> torch.Tensor:
+        """Token ids (B, max_length): start token, BPE ids, end token, padded with the end token, truncated."""
+        batch_encoding = self.tokenizer(list(text), truncation=True, max_length=self.max_length,
+                                        padding="max_length", return_tensors="pt")
+        return batch_encoding["input_ids"]
+
+    def count_tokens(self, text: str) -> int:
+        """Number of tokens of ``text`` including start and end tokens, before truncation."""
+        return len(self.tokenizer(text, truncation=False).input_ids)
 
     def forward(self, text: list[str]) -> torch.Tensor:
         embeddings = self.transformer.embeddings.token_embedding.weight
