@@ -51,7 +51,7 @@ class _StubPipe:
         self.device = torch.device(device)
         self.precision = inference_pipeline.resolve_precision("full", torch.device("cpu"))
         self.latent_channels, self.downsampling_factor, self.size_multiple = 4, 8, 64
-        self.model, self.model_name = None, "stub"
+        self.model, self.model_name, self.prompt_tokenizer = None, "stub", None
         self.model_hash = inference_pipeline.ModelHash(None)
 
     def generate(self, prompts, seeds, settings, posterior=None, per_image=None):

@@ -11,6 +11,13 @@ and ``get_learned_conditioning`` run through OpenVINO; every other attribute (th
 ``scale_factor``, ``get_first_stage_encoding``, the torch parts) is the torch model's, so the samplers,
 image-to-image, the tiled autoencoder and :class:`~ldm.inference.pipeline.Pipeline` take it in place of the model.
 
+A run after the first needs no torch model: once converted, the networks' cache entries are recorded with what
+else a run asks of the model (its schedule, sizes, scale factor and tokenizer pipeline, :func:`model_facts`) under
+the checkpoint's sha256 and config, and :meth:`OpenVINOModel.from_record` runs from that record (no Lightning or
+transformers import, no checkpoint read: about 4 s less per SD v1 run). A record is used only as it was written
+(same library versions, the model code's files unchanged, every entry intact); the torch model is still built,
+from a function given, for whatever needs it (a network to convert, a fallback, an attribute only it has).
+
 The four networks are the model's own modules, converted (there is no second model definition): the UNet as the
 DDPM wrapper calls it (x, t, context), what ``decode_first_stage`` computes (1 / scale_factor, ``post_quant_conv``,
 decoder), what ``encode_first_stage`` computes (encoder, ``quant_conv`` -> the posterior's moments, the

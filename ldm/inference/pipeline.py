@@ -283,6 +283,8 @@ class Pipeline:
         memory, redone in float32 when a reduced-precision decode overflows."""
         self.use("first_stage_model")
         tiled = (lambda z: tiled_decode(self.model, z)) if decode_needs_tiling(latents) else None
+        if not isinstance(self.model, torch.nn.Module):  # an engine's model (OpenVINO) redoes an overflow itself
+            return to_uint8((tiled or self.model.decode_first_stage)(latents))
         return to_uint8(decode_first_stage(self.model, latents, decode=tiled))
 
     def check_safety(self, images: np.ndarray) -> list[bool]:

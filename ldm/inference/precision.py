@@ -107,8 +107,6 @@ def decode_first_stage(model: Any, z: torch.Tensor,
     ``decode`` (default ``model.decode_first_stage``) is the decode to call, e.g. a tiled one.
     """
     decode = decode or model.decode_first_stage
-    if not isinstance(model, torch.nn.Module):  # an engine's model (OpenVINO) redoes an overflowing decode itself
-        return decode(z)
     first_stage = model.first_stage_model
     dtype = next(first_stage.parameters()).dtype
     autocast_on = torch.is_autocast_enabled(z.device.type)
