@@ -1,8 +1,11 @@
 """Small helpers shared by the whole package (the original's ``ldm/util.py`` surface)."""
 from __future__ import annotations
 
+import contextlib
 import importlib
+import json
 import os
+import tempfile
 from inspect import isfunction
 from pathlib import Path
 from typing import Any, Mapping
@@ -35,6 +38,21 @@ def instantiate_from_config(config: Mapping) -> Any:
 def user_cache_dir() -> Path:
     """Where the package keeps what it can rebuild: ``$XDG_CACHE_HOME/ldm``, else ``~/.cache/ldm``."""
     return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "ldm"
+
+
+def write_json_atomically(path: Path, data: Any, prefix: str = ".tmp-") -> None:
+    """Write ``data`` as JSON to ``path`` whole or not at all (a temporary file beside it, then renamed); raises
+    OSError where it cannot be written."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, temp = tempfile.mkstemp(prefix=prefix, dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(data, f)
+        os.replace(temp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(temp)
+        raise
 
 
 def exists(x: Any) -> bool:

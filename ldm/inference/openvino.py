@@ -30,9 +30,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
-import os
 import sys
-import tempfile
 from pathlib import Path
 from typing import Any, Callable
 
@@ -51,6 +49,7 @@ from ldm.backend.openvino import (
 from ldm.modules.diffusionmodules.util import extract_into_tensor
 from ldm.modules.distributions.distributions import DiagonalGaussianDistribution
 from ldm.modules.encoders.modules import CLIPTokenIds, FrozenCLIPEmbedder
+from ldm.util import write_json_atomically
 
 
 # ---------------------------------------------------------------------------------------------- traced callables
@@ -308,16 +307,7 @@ class OpenVINOModel:
             self._record_data = data
         data["entries"][part.name] = {"dir": part.entry.name, "key": part.entry_key, "types": part.entry_types}
         with contextlib.suppress(OSError):
-            record.parent.mkdir(parents=True, exist_ok=True)
-            fd, temp = tempfile.mkstemp(prefix=".tmp-record-", dir=record.parent)
-            try:
-                with os.fdopen(fd, "w") as f:
-                    json.dump(data, f)
-                os.replace(temp, record)
-            except BaseException:
-                with contextlib.suppress(OSError):
-                    os.unlink(temp)
-                raise
+            write_json_atomically(record, data, prefix=".tmp-record-")
 
     # -------------------------------------------------------------- the model's interface
     def apply_model(self, x_noisy: torch.Tensor, t: torch.Tensor, cond: Any, return_ids: bool = False) -> torch.Tensor:

@@ -8,12 +8,10 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
-import os
-import tempfile
 import threading
 from pathlib import Path
 
-from ldm.util import user_cache_dir
+from ldm.util import user_cache_dir, write_json_atomically
 
 MEMO_ENTRIES = 256  # checkpoints remembered (the most recently hashed)
 
@@ -57,17 +55,8 @@ def remembered_sha256(path: str | Path, memo: Path | None = None, compute: bool 
     known.pop(identity, None)
     known[identity] = value
     kept = dict(list(known.items())[-MEMO_ENTRIES:])
-    with contextlib.suppress(OSError):
-        memo.parent.mkdir(parents=True, exist_ok=True)
-        fd, temp = tempfile.mkstemp(prefix=".sha256-", dir=memo.parent)
-        try:
-            with os.fdopen(fd, "w") as f:
-                json.dump(kept, f)
-            os.replace(temp, memo)  # whole or not at all; a concurrent writer's entry may be lost (recomputed)
-        except BaseException:
-            with contextlib.suppress(OSError):
-                os.unlink(temp)
-            raise
+    with contextlib.suppress(OSError):  # a concurrent writer's entry may be lost (recomputed)
+        write_json_atomically(memo, kept, prefix=".sha256-")
     return value
 
 
