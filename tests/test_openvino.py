@@ -595,9 +595,13 @@ def test_a_record_is_used_only_as_it_was_written(recorded, monkeypatch, tmp_path
     (record,) = (tmp_path / "cache" / "ldm" / "openvino" / "models").glob("*.json")
     data = json.loads(record.read_text())
     assert load().model.__dict__["_torch_model"] is None
+    good = json.loads(record.read_text())
     data["code"]["sha256"] = "0" * 64  # as if a file of the model's code had changed since
     record.write_text(json.dumps(data))
     assert load().model.__dict__["_torch_model"] is not None
+    for broken in ({**good, "facts": {"tokenizer": good["facts"]["tokenizer"]}}, [1, 2]):  # JSON, not a record
+        record.write_text(json.dumps(broken))
+        assert load().model.__dict__["_torch_model"] is not None
     pipe = load()
     pipe.generate(["a red circle"], [3], Settings(steps=5, height=64, width=64))  # writes the record again
     assert load().model.__dict__["_torch_model"] is None

@@ -436,7 +436,7 @@ def _recorded_openvino_model(identity: dict | None, load: Callable[[], torch.nn.
     try:
         model = OpenVINOModel.from_record(identity, load, precision=prec.label, model_hash=model_hash.result,
                                           say=say, release_weights=release_file_pages, fallback=backend == "auto")
-    except (ImportError, OSError, RuntimeError, ValueError):
+    except (ImportError, OSError, RuntimeError, ValueError, KeyError, TypeError):  # a record gone wrong: no record
         return None
     if model is None:
         return None
