@@ -13,6 +13,7 @@ setup(
         "pytorch-lightning>=2.0",
         "omegaconf>=2.1",
         "transformers>=5.0",
+        "tokenizers>=0.21",  # used directly by the OpenVINO backend's runs from the cache (transformers needs it too)
         "einops",
         "invisible-watermark>=0.2.0",
         "numpy",
