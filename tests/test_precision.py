@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import mmap
 import os
+import time
 
 import pytest
 import torch
@@ -131,6 +132,27 @@ def test_library_pages_are_handed_back(tmp_path):
         assert sum(mapped[i] for i in range(0, len(mapped), 4096)) == checksum  # faults back in, same bytes
     x = torch.randn(64, 64)
     torch.testing.assert_close(x @ torch.eye(64), x)
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/smaps"), reason="needs Linux /proc/self/smaps")
+def test_a_mapped_file_is_let_go_while_it_is_read(tmp_path):
+    """``releasing_mapped_file`` (OpenVINO compiling from its cache): pages of a read-only mapping that the block
+    has read leave the process while it runs, and fault back in unchanged; a writable mapping keeps its changes."""
+    path = tmp_path / "model.bin"
+    path.write_bytes(os.urandom(16 << 20))
+    with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, prot=mmap.PROT_READ) as mapped:
+        with memory.releasing_mapped_file(path, every=0.05):
+            checksum = sum(mapped[i] for i in range(0, len(mapped), 4096))  # read every page, as a compile does
+            deadline = time.monotonic() + 10
+            while _mapping_rss(str(path)) > 1 << 20 and time.monotonic() < deadline:
+                time.sleep(0.02)
+            assert _mapping_rss(str(path)) <= 1 << 20
+        assert sum(mapped[i] for i in range(0, len(mapped), 4096)) == checksum
+    with open(path, "r+b") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY) as private:
+        private[0] = private[0] ^ 0xFF
+        changed = private[0]
+        assert memory.release_mapped_file(path) == 0
+        assert private[0] == changed
 
 
 def test_the_allocator_is_tuned_only_while_a_run_asks_for_it(monkeypatch):

@@ -24,6 +24,7 @@ import mmap
 import os
 import re
 import sys
+import threading
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable, Iterator
@@ -201,18 +202,44 @@ def release_mapped_file(path: str | os.PathLike) -> int:
     """Unmap this process's resident pages of a file mapped read-only (OpenVINO's converted weights, which it no
     longer reads once compiled) while the page cache keeps them (``MADV_DONTNEED``: the next run reads them from
     memory, not from disk); returns how many mappings were advised (0 elsewhere). A page read again faults back
-    in, unchanged."""
+    in, unchanged. Writable mappings are left alone (``MADV_DONTNEED`` would drop their changes)."""
     target = os.path.realpath(path)
-    return _page_out(lambda name: name == target, _MADV_DONTNEED)
+    return _page_out(lambda name: name == target, _MADV_DONTNEED, read_only=True)
 
 
-def _page_out(chosen: Callable[[str], bool], advice: int = _MADV_PAGEOUT) -> int:
+@contextmanager
+def releasing_mapped_file(path: str | os.PathLike, every: float = 0.2) -> Iterator[None]:
+    """:func:`release_mapped_file` every ``every`` seconds while the block runs, and at its end: a library that
+    reads a large mapped file through once (OpenVINO packing the converted weights while it compiles) then holds
+    little more of it than it read in the last moment, instead of all of it beside its packed copy."""
+    if not sys.platform.startswith("linux"):
+        yield
+        return
+    stop = threading.Event()
+
+    def release() -> None:
+        while not stop.wait(every):
+            release_mapped_file(path)
+
+    thread = threading.Thread(target=release, name="release-mapped-file", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join()
+        release_mapped_file(path)
+
+
+def _page_out(chosen: Callable[[str], bool], advice: int = _MADV_PAGEOUT, read_only: bool = False) -> int:
     """``advice`` (default ``MADV_PAGEOUT``: out of memory, into the page cache or not at all) on each mapping
-    whose path is ``chosen``; how many the kernel took (0 without madvise)."""
+    whose path is ``chosen`` (``read_only``: and that is not writable); how many the kernel took (0 without
+    madvise)."""
     madvise = _libc_function("madvise", [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int])
     if madvise is None:
         return 0
-    return sum(madvise(lo, hi - lo, advice) == 0 for lo, hi, _, name in list(_mappings()) if chosen(name))
+    return sum(madvise(lo, hi - lo, advice) == 0 for lo, hi, permissions, name in list(_mappings())
+               if chosen(name) and not (read_only and "w" in permissions))
 
 
 # ---------------------------------------------------------------------------------------------- mappings

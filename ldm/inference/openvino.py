@@ -347,6 +347,16 @@ class OpenVINOModel:
         for part in self.parts:
             part.release()
 
+    def set_aside(self, name: str) -> None:
+        """Drop the compiled networks of the torch model's part ``name`` (``model``: the UNet,
+        ``first_stage_model``: the autoencoder, ``cond_stage_model``: the text encoder) while another part runs,
+        as the pipeline does with a torch model's weights; its next call compiles it again, from the cache."""
+        parts = {"model": [self.unet], "first_stage_model": [self.decoder, self.encoder],
+                 "cond_stage_model": [self.text_encoder]}.get(name, [])
+        for part in parts:
+            if part is not None:
+                part.release()
+
 
 class _Schedule:
     """``q_sample`` and ``get_first_stage_encoding`` of ``LatentDiffusion`` over a record's schedule."""

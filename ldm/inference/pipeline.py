@@ -255,7 +255,13 @@ class Pipeline:
     def set_aside(self, part: str | torch.nn.Module) -> None:
         """On the CPU, let go of the weights of a model part (or its name) that is done for now: converted copies
         are freed and memory-mapped file pages go back to the page cache, so the UNet does not count in the
-        process's memory while the autoencoder decodes, nor the autoencoder while the UNet samples."""
+        process's memory while the autoencoder decodes, nor the autoencoder while the UNet samples. An engine's
+        model (OpenVINO) drops the part's compiled networks, which its next use compiles again from the cache."""
+        if isinstance(part, str) and not isinstance(self.model, torch.nn.Module):
+            set_aside = getattr(self.model, "set_aside", None)
+            if set_aside is not None:
+                set_aside(part)
+            return
         part = self._part(part)
         weights = self._weights_of(part)
         if weights is not None:
