@@ -592,22 +592,37 @@ def test_load_pipeline_takes_autos_choice(monkeypatch, tiny_config_path, tiny_ck
 
 
 # ---------------------------------------------------------------------------------------------- a run from the record
-@pytest.fixture
-def recorded(monkeypatch, tmp_path, tiny_config_path, tiny_ckpt, tiny_io):
-    """A pipeline run once on OpenVINO (converting, and recording the model) in a fresh cache; returns (the images
-    of that run, a function that loads the pipeline again)."""
+@pytest.fixture(scope="module")
+def recorded_cache(tmp_path_factory, tiny_config_path, tiny_ckpt):
+    """A cache in which a pipeline ran once on OpenVINO (converting, and recording the model), made once per
+    module: (its folder, the images of that run)."""
     from ldm.inference import pipeline
 
+    folder = tmp_path_factory.mktemp("recorded") / "cache"
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("XDG_CACHE_HOME", str(folder))
+        first = pipeline.load_pipeline(tiny_config_path, tiny_ckpt, device="cpu", precision="full",
+                                       backend="openvino", say=lambda message: None)
+        assert first.model.__dict__["_torch_model"] is not None
+        images, _ = first.generate(["a red circle"], [3], Settings(steps=5, height=64, width=64))
+    assert len(list((folder / "ldm" / "openvino" / "models").glob("*.json"))) == 1
+    return folder, images
+
+
+@pytest.fixture
+def recorded(recorded_cache, monkeypatch, tmp_path, tiny_config_path, tiny_ckpt):
+    """A copy of :func:`recorded_cache` of this test's own (``tmp_path / "cache"``); returns (the images of the
+    recording run, a function that loads the pipeline again from it)."""
+    from ldm.inference import pipeline
+
+    folder, images = recorded_cache
+    shutil.copytree(folder, tmp_path / "cache")
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
 
     def load(backend="openvino"):
         return pipeline.load_pipeline(tiny_config_path, tiny_ckpt, device="cpu", precision="full",
                                       backend=backend, say=lambda message: None)
 
-    first = load()
-    assert first.model.__dict__["_torch_model"] is not None
-    images, _ = first.generate(["a red circle"], [3], Settings(steps=5, height=64, width=64))
-    assert len(list((tmp_path / "cache" / "ldm" / "openvino" / "models").glob("*.json"))) == 1
     return images, load
 
 
