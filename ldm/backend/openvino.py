@@ -396,6 +396,7 @@ class OpenVINOPart:
         self.conversions = 0  # how many times this object converted the network (the cache tests read it)
         self._model = None  # the converted openvino.Model, when there is no cache to compile from
         self._compiled: OrderedDict[tuple, Any] = OrderedDict()
+        self._swept: Path | None = None  # the entry whose superseded entries were looked for (once per entry)
 
     def _take_modules(self) -> None:
         if self._call is None:
@@ -538,8 +539,10 @@ class OpenVINOPart:
             raise self._compile_error(err, hint) from err
         if self.entry is not None:
             mark_used(self.entry)
-            for old in remove_superseded(self.entry):
-                self.say(f"notice: removed {old.name} from the OpenVINO cache (superseded by {self.entry.name})")
+            if self._swept != self.entry:  # a set-aside network compiles again each batch: one look is enough
+                self._swept = self.entry
+                for old in remove_superseded(self.entry):
+                    self.say(f"notice: removed {old.name} from the OpenVINO cache (superseded by {self.entry.name})")
         return compiled
 
     def _compile_error(self, err: RuntimeError, hint: str) -> OpenVINOConversionError:
