@@ -45,6 +45,19 @@ def assert_matches_reference(ours: torch.Tensor, ref: torch.Tensor, name: str = 
     assert err <= tol, f"{name}: max abs error {err:.3g} exceeds tolerance {tol:.3g}"
 
 
+def mapping_rss(path) -> int:
+    """Resident bytes of this process's mappings of ``path`` (/proc/self/smaps, Linux)."""
+    total, counting = 0, False
+    with open("/proc/self/smaps") as smaps:
+        for line in smaps:
+            fields = line.split()
+            if fields and ":" not in fields[0]:  # a mapping's header: address range, perms, offset, device, inode, path
+                counting = len(fields) == 6 and fields[5] == str(path)
+            elif counting and fields[0] == "Rss:":
+                total += int(fields[1]) * 1024
+    return total
+
+
 def tiny_config():
     """The tiny reference config, with the CLIP folder pointed at the fixture copy."""
     config = OmegaConf.load(TINY / "v1-tiny.yaml")

@@ -16,7 +16,7 @@ from ldm.errors import CheckpointError
 from ldm.loading.build import load_model_from_config
 from ldm.loading.safetensors import read_safetensors
 from ldm.modules.ops import Conv2d, linear_geglu, module_memory_format, pointwise_conv
-from tests.conftest import assert_matches_reference, tiny_config, tiny_state_dict
+from tests.conftest import assert_matches_reference, mapping_rss, tiny_config, tiny_state_dict
 
 CL = torch.channels_last
 
@@ -240,19 +240,6 @@ def test_bf16_weights_run_without_autocast(tiny_ckpt, tiny_io):
     assert err < 0.05
 
 
-def _mapping_rss_kb(path) -> int:
-    """Resident kB of this process's mappings of ``path`` (from /proc/self/smaps)."""
-    total, inside = 0, False
-    with open("/proc/self/smaps") as smaps:
-        for line in smaps:
-            fields = line.split()
-            if fields and "-" in fields[0] and len(fields) >= 5 and ":" not in fields[0]:
-                inside = len(fields) >= 6 and fields[5] == str(path)
-            elif inside and fields[0] == "Rss:":
-                total += int(fields[1])
-    return total
-
-
 def test_casting_releases_the_checkpoint_pages(tmp_path):
     """Loading a float32 file as bf16 leaves almost none of the file resident (each source is released)."""
     big = {k: v.repeat(4, *([1] * (v.dim() - 1))) if v.dim() and v.shape[0] >= 64 else v
@@ -264,12 +251,12 @@ def test_casting_releases_the_checkpoint_pages(tmp_path):
 
     sd = read_state_dict(path)
     expected = {k: torch.empty(v.shape, dtype=torch.float32, device="meta") for k, v in sd.items()}
-    size_kb = path.stat().st_size // 1024
+    size = path.stat().st_size
     for t in sd.values():  # fault every page in, as casting does
         t.sum()
-    assert _mapping_rss_kb(path) > 0.9 * size_kb
+    assert mapping_rss(path) > 0.9 * size
     _cast_like(sd, expected, torch.bfloat16, release=FilePages.of(path).release)
-    assert _mapping_rss_kb(path) < 0.1 * size_kb
+    assert mapping_rss(path) < 0.1 * size
     torch.testing.assert_close(sd["model.diffusion_model.out.2.weight"].float(),
                                big["model.diffusion_model.out.2.weight"].bfloat16().float())
 

@@ -20,7 +20,7 @@ from ldm.backend.layout import preferred_memory_format
 from ldm.inference import precision
 from ldm.loading.build import load_model_from_config
 from ldm.models.diffusion.ddim import DDIMSampler
-from tests.conftest import PROMPTS, tiny_config
+from tests.conftest import PROMPTS, mapping_rss, tiny_config
 
 LATENT_BOUND, PSNR_BOUND = 0.06, 35.0
 
@@ -87,19 +87,6 @@ def test_preferred_memory_format():
     assert preferred_memory_format("mps", torch.float16) == torch.contiguous_format
 
 
-def _mapping_rss(path: str) -> int:
-    """Resident bytes of this process's mappings of ``path`` (/proc/self/smaps)."""
-    total, counting = 0, False
-    with open("/proc/self/smaps") as smaps:
-        for line in smaps:
-            fields = line.split()
-            if ":" not in fields[0]:  # a mapping's header: address range, perms, offset, device, inode, path
-                counting = len(fields) == 6 and fields[5] == path
-            elif counting and fields[0] == "Rss:":
-                total += int(fields[1]) * 1024
-    return total
-
-
 def _pageout_missing() -> str | None:
     """Why this system cannot page out a mapping on request (Linux 5.4+ ``MADV_PAGEOUT``, /proc for checking),
     or None."""
@@ -126,9 +113,9 @@ def test_library_pages_are_handed_back(tmp_path):
     library.write_bytes(os.urandom(8 << 20))
     with open(library, "rb") as f, mmap.mmap(f.fileno(), 0, prot=mmap.PROT_READ) as mapped:
         checksum = sum(mapped[i] for i in range(0, len(mapped), 4096))  # touch every page
-        assert _mapping_rss(str(library)) > 7 << 20
+        assert mapping_rss(library) > 7 << 20
         assert memory.release_library_pages() > 0
-        assert _mapping_rss(str(library)) < 1 << 20
+        assert mapping_rss(library) < 1 << 20
         assert sum(mapped[i] for i in range(0, len(mapped), 4096)) == checksum  # faults back in, same bytes
     x = torch.randn(64, 64)
     torch.testing.assert_close(x @ torch.eye(64), x)
@@ -144,9 +131,9 @@ def test_a_mapped_file_is_let_go_while_it_is_read(tmp_path):
         with memory.releasing_mapped_file(path, every=0.05):
             checksum = sum(mapped[i] for i in range(0, len(mapped), 4096))  # read every page, as a compile does
             deadline = time.monotonic() + 10
-            while _mapping_rss(str(path)) > 1 << 20 and time.monotonic() < deadline:
+            while mapping_rss(path) > 1 << 20 and time.monotonic() < deadline:
                 time.sleep(0.02)
-            assert _mapping_rss(str(path)) <= 1 << 20
+            assert mapping_rss(path) <= 1 << 20
         assert sum(mapped[i] for i in range(0, len(mapped), 4096)) == checksum
     with open(path, "r+b") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY) as private:
         private[0] = private[0] ^ 0xFF
