@@ -11,7 +11,7 @@ stage brings):
 3. ``autoencoder-ft``: 1 continued at a tenth of the learning rate (autoencoder-finetune.yaml);
 4. ``ldm-ft<N>``: 2 continued on the latents of 3, cosine learning-rate decay (ldm-finetune.yaml), starting from
    the EMA weights of 2; ``--ldm_ft_rounds`` times, each round from the EMA weights of the one before;
-5. ``ldm-const<N>``: 4 continued from its EMA weights at a constant learning rate of 3x 4's peak
+5. ``ldm-const<N>``: 4 continued from its EMA weights at a constant learning rate of 4x 4's peak
    (ldm-constant.yaml), in bf16 autocast where the CPU computes bf16 (else float32); ``--ldm_const_rounds`` times,
    each round from the EMA weights of the one before, with the seed one higher;
 6. ``decoder``: after the export, the decoder fine-tuned on what the LDM samples (:func:`finetune_decoder`),

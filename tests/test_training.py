@@ -361,7 +361,7 @@ def test_train_toy_model_runs_the_recipe_and_exports(tmp_path):
         assert int(init["model_ema.num_updates"]) == 0
     const = OmegaConf.load(sorted((runs["toy-shapes-ldm-const1"] / "configs").glob("*-project.yaml"))[-1])
     schedule = const.model.params.scheduler_config.params
-    assert schedule.f_start == schedule.f_max == schedule.f_min == [3.0]  # a constant 3x the fine-tune's peak
+    assert schedule.f_start == schedule.f_max == schedule.f_min == [4.0]  # a constant 4x the fine-tune's peak
     # stages 3 and 4 from an export: its autoencoder and LDM
     ae_ckpt, ldm_init = train_toy_model.split_export(out / "model.ckpt", str(tmp_path / "split"))
     exported, _ = read_checkpoint(out / "model.ckpt")
